@@ -1,0 +1,59 @@
+"""Settings shared by every script. Edit them here, or override any one per run:
+
+    python Training_SSIM.py --num_epochs=3 --folder_path_train=my_tiles
+
+Relative paths are relative to the folder you run the scripts from.
+"""
+
+#------------------------------------------------------------------
+# System
+#------------------------------------------------------------------
+GPUs = "0"                    # GPU ids: "0", "2,3", or "cpu"; without CUDA the scripts use the CPU
+num_workers = 4               # data-loading processes (0 = load in the main process)
+seed = 0                      # random seed for shuffling, augmentation and the validation split
+
+#------------------------------------------------------------------
+# Model training (MSE / SSIM)
+#------------------------------------------------------------------
+folder_path_train = "training_tiles"   # folder of training tiles, searched recursively
+tile_size = 256               # side in pixels every image is resized to (a multiple of 32)
+train_crop_size = 0           # random square crop of each tile for training, pixels (0 = whole tile)
+num_epochs = 100              # passes over the training tiles
+batch_size_train = 64         # tiles per optimisation step
+learning_rate = 1e-4          # Adam step size
+weight_decay = 1e-5           # Adam L2 penalty
+lr_schedule = "constant"      # "constant", or "cosine" (decay to 1% of learning_rate by the last epoch)
+augment = True                # random rotation, flips, affine, colour jitter and blur, applied batched on the device
+
+model_saved_location_mse = "checkpoints/MSE"    # folder for MSE-loss checkpoints
+model_saved_location_ssim = "checkpoints/SSIM"  # folder for SSIM-loss checkpoints
+save_interval = 5             # write Model_AE_epoch_NNN.pth every N epochs
+resume = True                 # continue from the newest checkpoint in the checkpoint folder
+
+training_loss_file_mse = "training_loss_mse.csv"    # per-epoch loss log of MSE training
+training_loss_file_ssim = "training_loss_ssim.csv"  # per-epoch loss log of SSIM training
+
+#------------------------------------------------------------------
+# Model evaluation (MSE / SSIM)
+#------------------------------------------------------------------
+folder_path_test = "input_images"  # folder of tiles to reconstruct, searched recursively
+batch_size_test = 32          # tiles per forward pass during evaluation
+
+model_path_mse = "sample_models/model_auto_encoder_reconstruction_mse.pth"    # model evaluated by Evaluation_MSE.py
+model_path_ssim = "sample_models/model_auto_encoder_reconstruction_ssim.pth"  # model evaluated by Evaluation_SSIM.py
+
+recon_output_mse = "reconstructed_images/MSE/"    # side-by-side PNGs of Evaluation_MSE.py
+recon_output_ssim = "reconstructed_images/SSIM/"  # side-by-side PNGs of Evaluation_SSIM.py
+
+reconstruction_metrics_mse = "reconstructed_images/validation_reconstruction_metrics_mse.xlsx"    # workbook of Evaluation_MSE.py
+reconstruction_metrics_ssim = "reconstructed_images/validation_reconstruction_metrics_ssim.xlsx"  # workbook of Evaluation_SSIM.py
+
+#------------------------------------------------------------------
+# Cutting a slide into tiles (Prepare_Tiles.py)
+#------------------------------------------------------------------
+slide_path = "slide.svs"            # image or whole-slide file to cut (anything Pillow opens; openslide for pyramids)
+tiles_output_folder = "training_tiles"  # where Prepare_Tiles.py writes <slide>_x<X>_y<Y>.png tiles
+tile_stride = 256                   # pixels between neighbouring tile origins (below tile_size = overlapping tiles)
+tissue_fraction = 0.5               # keep a tile when at least this fraction of its pixels is tissue
+background_gray = 220               # a pixel whose mean of R, G, B is at least this counts as glass background
+exclude_tiles_in = ""               # folder of position-named tiles (such as input_images) whose areas are left out

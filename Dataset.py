@@ -1,0 +1,135 @@
+"""Finding tiles in a folder tree and decoding them to RGB uint8 tensors of one size.
+
+Training, evaluation, the notebook and feature extraction all use this module, so every tool sees
+the same files in the same order, decoded the same way.
+"""
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+
+from cli import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey tile
+
+
+def find_images(folder):
+    """Every image file under folder, at any depth, as sorted paths. Symbolic links are followed,
+    each directory once, so a link loop ends and no file is listed twice."""
+    if not os.path.exists(folder):
+        raise UserError(f"image folder {folder!r} does not exist: set the folder path in Config.py "
+                        f"or pass --folder_path_...=PATH")
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder!r} is a file, not a folder: point the folder path at the folder that holds the tiles")
+    found = []
+    seen_dirs = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        stat = os.stat(root)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:
+            dirs[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        found.extend(os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
+    found.sort(key=lambda path: os.path.relpath(path, folder).split(os.sep))
+    if not found:
+        raise UserError(f"no images found in {folder!r} or its subfolders "
+                        f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
+    return found
+
+
+def _to_rgb(img):
+    """Any PIL mode -> RGB. Transparency is composited on white (slide background); 16-bit and
+    float images are scaled to 8 bits instead of clipped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def load_image(path, tile_size):
+    """Decode path to a 3 x tile_size x tile_size uint8 tensor. Raises OSError/ValueError on a bad file.
+    EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's warnings (EXIF, palette) are not the user's problem
+        with Image.open(path) as img:
+            # For JPEG, let the decoder downscale a huge image while reading: memory stays bounded.
+            img.draft("RGB", (tile_size, tile_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+    width, height = img.size
+    if width != height:
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (tile_size, tile_size):
+        img = img.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=3.0)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def describe_error(err):
+    """A short reason for a file that failed to decode, for the one-line warning."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, Image.UnidentifiedImageError) or "cannot identify image file" in text:
+        return "not a readable image (empty, truncated or another file type)"
+    return text
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Tiles under a folder. Items are dicts {"image": uint8 tensor or None, "path", "error"}, so a bad
+    file never stops a worker: collate() drops it and reports it to the main process."""
+
+    def __init__(self, folder, tile_size, paths=None):
+        self.folder = folder
+        self.tile_size = tile_size
+        self.paths = find_images(folder) if paths is None else list(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            return {"image": load_image(path, self.tile_size), "path": path, "error": None}
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as err:
+            return {"image": None, "path": path, "error": describe_error(err)}
+
+
+def collate(items):
+    """Batch the readable items; returns (uint8 N x 3 x H x W, paths, [(path, reason) of skipped files])."""
+    good = [item for item in items if item["image"] is not None]
+    skipped = [(item["path"], item["error"]) for item in items if item["image"] is None]
+    if good:
+        images = torch.stack([item["image"] for item in good])
+    else:
+        images = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
+    return images, [item["path"] for item in good], skipped
+
+
+class SkipLog:
+    """Warns once per unreadable file, in the main process, and remembers them for the summary."""
+
+    def __init__(self):
+        self.skipped = {}
+
+    def add(self, skipped):
+        for path, reason in skipped:
+            if path not in self.skipped:
+                self.skipped[path] = reason
+                print(f"warning: skipped {path}: {reason}", flush=True)
+
+    def __len__(self):
+        return len(self.skipped)
+
+    def summary(self):
+        return f"{len(self.skipped)} unreadable file(s) skipped" if self.skipped else "no files skipped"

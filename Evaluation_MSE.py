@@ -1,0 +1,8 @@
+"""Evaluate the MSE-trained autoencoder: side-by-side PNGs and a metrics workbook for every tile.
+
+    python Evaluation_MSE.py --folder_path_test=my_tiles --model_path_mse=checkpoints/MSE/Final_Model_AE_MSE.pth
+"""
+from evaluation_engine import main
+
+if __name__ == "__main__":
+    main("mse")

@@ -1,0 +1,8 @@
+"""Evaluate the SSIM-trained autoencoder: side-by-side PNGs and a metrics workbook for every tile.
+
+    python Evaluation_SSIM.py --folder_path_test=my_tiles --model_path_ssim=checkpoints/SSIM/Final_Model_AE_SSIM.pth
+"""
+from evaluation_engine import main
+
+if __name__ == "__main__":
+    main("ssim")

@@ -1,0 +1,8 @@
+"""Train the autoencoder with the SSIM loss. Settings: Config.py, or --key=value on the command line.
+
+    python Training_SSIM.py --num_epochs=3 --folder_path_train=my_tiles
+"""
+from training_engine import main
+
+if __name__ == "__main__":
+    main("ssim")

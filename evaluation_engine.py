@@ -1,0 +1,208 @@
+"""The evaluation loop shared by Evaluation_MSE.py and Evaluation_SSIM.py (and the notebook's helpers).
+
+For every tile under folder_path_test: reconstruct it, compute MSE, PSNR and SSIM, save a side-by-side
+PNG, and at the end write one workbook. Metrics are those of the network's [0, 1] output, before it is
+rounded to 8 bits for the PNG.
+"""
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openpyxl
+import torch
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+from openpyxl.styles import Font
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import checkpoint_io
+from Auto_encoder import DOWNSAMPLING, AutoEncoder
+from Dataset import ImageFolder, SkipLog, collate
+from cli import UserError, check_writable, load_config, run_main, select_device
+from metrics import per_image
+from training_engine import autocast_dtype
+
+METRIC_NAMES = ("MSE", "PSNR", "SSIM")
+_MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix
+
+
+def load_model(path, device):
+    """An AutoEncoder in eval mode with the weights of path (any checkpoint layout we accept)."""
+    model = AutoEncoder()
+    checkpoint_io.load_weights(model, path)
+    return model.to(device, memory_format=torch.channels_last).eval()
+
+
+@torch.inference_mode()
+def reconstruct(model, images, device):
+    """uint8 N x 3 x H x W tiles -> (float [0, 1] originals, float [0, 1] reconstructions, metrics dict)."""
+    x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        recon = model(x)
+    recon = recon.float().clamp_(0, 1)
+    return x, recon, per_image(recon, x)
+
+
+def comparison_names(paths, folder):
+    """Output path (relative to the output folder) of each input's comparison PNG: the input's subfolders
+    are mirrored and the name is <stem>_comparison.png, with the extension added to the stem when two
+    files of one folder share a stem, and a hash when the name would be too long."""
+    relative = [os.path.relpath(p, folder) for p in paths]
+    stems = [os.path.splitext(r) for r in relative]
+    counts = {}
+    for stem, _ in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = {}
+    for path, (stem, ext) in zip(paths, stems):
+        if counts[stem] > 1:
+            stem = f"{stem}_{ext.lstrip('.')}"
+        directory, base = os.path.split(stem)
+        if len(base.encode("utf-8")) > _MAX_NAME_BYTES:
+            digest = hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()[:10]
+            base = base.encode("utf-8")[:_MAX_NAME_BYTES - 11].decode("utf-8", "ignore") + "_" + digest
+        names[path] = os.path.join(directory, f"{base}_comparison.png")
+    return names
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw, text, font, width):
+    """text, shortened in the middle with '...' until it fits width pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    keep = len(text)
+    while keep > 4 and draw.textlength(text[:keep // 2] + "..." + text[-(keep // 2):], font=font) > width:
+        keep -= 2
+    return text[:keep // 2] + "..." + text[-(keep // 2):]
+
+
+def comparison_image(original, reconstruction, metrics, label):
+    """Original | reconstruction side by side, metrics in the title, the file name below (PIL Image)."""
+    side = original.shape[-1]
+    pad, title_h, caption_h = 10, 44, 24
+    width = max(2 * side + 3 * pad, 440)
+    canvas = Image.new("RGB", (width, title_h + side + caption_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    title = f"MSE {metrics['MSE']:.5f}   PSNR {metrics['PSNR']:.2f} dB   SSIM {metrics['SSIM']:.4f}"
+    font, small = _font(15), _font(12)
+    draw.text((width / 2, 4), _fit(draw, title, font, width - 2 * pad), fill="black", font=font, anchor="ma")
+    left = (width - 2 * side - pad) // 2
+    for i, (tile, heading) in enumerate(((original, "Original"), (reconstruction, "Reconstruction"))):
+        x = left + i * (side + pad)
+        draw.text((x + side / 2, 26), heading, fill="dimgray", font=small, anchor="ma")
+        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (x, title_h))
+    draw.text((width / 2, title_h + side + 6), _fit(draw, label, small, width - 2 * pad),
+              fill="black", font=small, anchor="ma")
+    return canvas
+
+
+def save_comparison(original, reconstruction, metrics, label, out_path):
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    comparison_image(original, reconstruction, metrics, label).save(out_path, compress_level=3)
+
+
+def _text_cell(cell, value):
+    """Store value as plain text: a name starting with '=' must never become a formula."""
+    cell.value = ILLEGAL_CHARACTERS_RE.sub("?", value)
+    cell.data_type = "s"
+
+
+def write_workbook(path, rows, skipped, model_path, folder):
+    """Metrics sheet (Image Path | MSE | PSNR | SSIM), Summary sheet and Skipped sheet, written atomically."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = "Metrics"
+    sheet.append(["Image Path", *METRIC_NAMES])
+    for row in rows:
+        sheet.append([None, *(row[m] for m in METRIC_NAMES)])
+        _text_cell(sheet.cell(row=sheet.max_row, column=1), row["Image Path"])
+    sheet.column_dimensions["A"].width = 60
+
+    summary = book.create_sheet("Summary")
+    summary.append(["Metric", "Count", "Mean", "Std", "Min", "Max"])
+    for name in METRIC_NAMES:
+        values = np.array([row[name] for row in rows], dtype=np.float64)
+        std = float(values.std(ddof=1)) if len(values) > 1 else None
+        summary.append([name, len(values), float(values.mean()), std, float(values.min()), float(values.max())])
+    summary.append([])
+    for key, value in (("Model", model_path), ("Image folder", folder)):
+        summary.append([key, None])
+        _text_cell(summary.cell(row=summary.max_row, column=2), str(value))
+    summary.append(["Images evaluated", len(rows)])
+    summary.append(["Files skipped", len(skipped)])
+    summary.column_dimensions["A"].width = 18
+
+    skipped_sheet = book.create_sheet("Skipped")
+    skipped_sheet.append(["Path", "Reason"])
+    for file_path, reason in skipped.items():
+        skipped_sheet.append([None, None])
+        _text_cell(skipped_sheet.cell(row=skipped_sheet.max_row, column=1), file_path)
+        _text_cell(skipped_sheet.cell(row=skipped_sheet.max_row, column=2), reason)
+    for ws in book.worksheets:
+        for cell in ws[1]:
+            cell.font = Font(bold=True)
+    checkpoint_io.atomic_write(path, book.save)
+
+
+def evaluate(cfg, loss_name):
+    """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows."""
+    model_path = getattr(cfg, f"model_path_{loss_name}")
+    out_dir = getattr(cfg, f"recon_output_{loss_name}")
+    workbook_path = getattr(cfg, f"reconstruction_metrics_{loss_name}")
+    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
+        raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
+    if cfg.batch_size_test < 1:
+        raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+    if not workbook_path.lower().endswith(".xlsx"):
+        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} must end in .xlsx")
+    check_writable(out_dir)
+    check_writable(os.path.dirname(workbook_path))
+    dataset = ImageFolder(cfg.folder_path_test, cfg.tile_size)
+    device = select_device(cfg.GPUs)
+    model = load_model(model_path, device)
+    names = comparison_names(dataset.paths, cfg.folder_path_test)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=cfg.num_workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    print(f"Evaluating {model_path} on {len(dataset)} files from {cfg.folder_path_test} on {device}.")
+
+    rows, skips, pending = [], SkipLog(), []
+    # PNG encoding runs in threads (PIL releases the GIL there) while the next batch goes through the model.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for images, paths, skipped in tqdm(loader, desc="Evaluating", unit="batch", dynamic_ncols=True):
+            skips.add(skipped)
+            if not paths:
+                continue
+            _, recon, metrics = reconstruct(model, images, device)
+            recon_u8 = recon.mul(255).round_().to(torch.uint8).cpu()
+            values = {name: metrics[name].cpu().tolist() for name in METRIC_NAMES}
+            for i, path in enumerate(paths):
+                row = {"Image Path": path, **{name: values[name][i] for name in METRIC_NAMES}}
+                rows.append(row)
+                pending.append(pool.submit(save_comparison, images[i], recon_u8[i], row,
+                                           os.path.relpath(path, cfg.folder_path_test),
+                                           os.path.join(out_dir, names[path])))
+        for future in pending:
+            future.result()
+    if not rows:
+        raise UserError(f"none of the {len(dataset)} files in {cfg.folder_path_test!r} could be read as an image "
+                        "(see the warnings above); nothing was written")
+    write_workbook(workbook_path, rows, skips.skipped, model_path, cfg.folder_path_test)
+    print(f"Evaluated {len(rows)} images; {skips.summary()}.")
+    for name in METRIC_NAMES:
+        values = np.array([row[name] for row in rows])
+        std = values.std(ddof=1) if len(values) > 1 else math.nan
+        print(f"  {name:<4} mean {values.mean():.5f}  std {std:.5f}")
+    print(f"Comparison PNGs in {out_dir}; metrics workbook {workbook_path}.")
+    return rows
+
+
+def main(loss_name):
+    run_main(lambda: evaluate(load_config(), loss_name))

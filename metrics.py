@@ -1,0 +1,40 @@
+"""Per-image reconstruction metrics on [0, 1] images, computed in float32.
+
+SSIM is the standard Gaussian-windowed SSIM of Wang et al. (2004): 11 x 11 window, sigma 1.5,
+K1 = 0.01, K2 = 0.03, data range 1, averaged over pixels and channels. The training loss uses the
+same function, so "SSIM" means one thing everywhere in this project.
+"""
+import torch
+from pytorch_msssim import ssim as _ssim
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+MAX_PSNR_DB = 100.0  # PSNR of a perfect reconstruction (MSE 0) is reported as this, not infinity
+
+
+def ssim(x, y, reduce=True):
+    """Windowed SSIM of two N x 3 x H x W batches in [0, 1]: a scalar, or one value per image."""
+    return _ssim(x.float(), y.float(), data_range=1.0, size_average=reduce,
+                 win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA)
+
+
+def mse(x, y):
+    """Mean squared error per image."""
+    return (x.float() - y.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def psnr_from_mse(values):
+    """PSNR in dB for a peak value of 1."""
+    return (10.0 * torch.log10(1.0 / values.clamp_min(10.0 ** (-MAX_PSNR_DB / 10.0))))
+
+
+def per_image(reconstruction, original):
+    """Dict of MSE, PSNR and SSIM tensors, one value per image of the batch."""
+    errors = mse(reconstruction, original)
+    return {"MSE": errors, "PSNR": psnr_from_mse(errors), "SSIM": ssim(reconstruction, original, reduce=False)}
+
+
+LOSSES = {
+    "mse": lambda output, target: torch.nn.functional.mse_loss(output.float(), target.float()),
+    "ssim": lambda output, target: 1.0 - ssim(output, target),
+}
