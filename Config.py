@@ -24,6 +24,9 @@ learning_rate = 1e-4          # Adam step size
 weight_decay = 1e-5           # Adam L2 penalty
 lr_schedule = "constant"      # "constant", or "cosine" (decay to 1% of learning_rate by the last epoch)
 augment = True                # random rotation, flips, affine, colour jitter and blur, applied batched on the device
+val_fraction = 0.05           # share of training tiles held out for per-epoch validation (0 = none)
+sync_batchnorm = False        # multi-GPU: synchronise BatchNorm statistics across GPUs
+compile_model = False         # torch.compile the model (faster on recent GPUs after a slow first epoch)
 
 model_saved_location_mse = "checkpoints/MSE"    # folder for MSE-loss checkpoints
 model_saved_location_ssim = "checkpoints/SSIM"  # folder for SSIM-loss checkpoints
@@ -57,3 +60,9 @@ tile_stride = 256                   # pixels between neighbouring tile origins (
 tissue_fraction = 0.5               # keep a tile when at least this fraction of its pixels is tissue
 background_gray = 220               # a pixel whose mean of R, G, B is at least this counts as glass background
 exclude_tiles_in = ""               # folder of position-named tiles (such as input_images) whose areas are left out
+
+#------------------------------------------------------------------
+# Encoder features for DeepCluster++ (Extract_Features.py)
+#------------------------------------------------------------------
+folder_path_features = "input_images"      # tiles to describe, searched recursively
+features_output = "features/features.csv"  # CSV Feature_1..Feature_512,File_Path; .npy, paths and PCA plot beside it

@@ -18,10 +18,12 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a
 
 def find_images(folder):
     """Every image file under folder, at any depth, as sorted paths. Symbolic links are followed,
-    each directory once, so a link loop ends and no file is listed twice."""
+    each directory once, so a link loop ends and no file is listed twice. A folder whose name looks
+    like an image (x.png/) is an ordinary folder: searched, never reported as a bad file."""
     if not os.path.exists(folder):
         raise UserError(f"image folder {folder!r} does not exist: set the folder path in Config.py "
-                        f"or pass --folder_path_...=PATH")
+                        f"or pass --folder_path_...=PATH to a folder of images "
+                        f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
     if not os.path.isdir(folder):
         raise UserError(f"{folder!r} is a file, not a folder: point the folder path at the folder that holds the tiles")
     found = []
@@ -44,8 +46,11 @@ def _to_rgb(img):
     """Any PIL mode -> RGB. Transparency is composited on white (slide background); 16-bit and
     float images are scaled to 8 bits instead of clipped."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
+        values = np.asarray(img, dtype=np.float32)
+        if img.mode.startswith("I;16"):
+            top = 65535.0  # a dark 16-bit image stays dark, whatever its brightest pixel
+        else:
+            top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
         img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
@@ -53,28 +58,31 @@ def _to_rgb(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
 
 
 def load_image(path, tile_size):
     """Decode path to a 3 x tile_size x tile_size uint8 tensor. Raises OSError/ValueError on a bad file.
-    EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing."""
+    EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing.
+    A huge image is held in memory about once: JPEGs are decoded downscaled, and nothing is copied."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings (EXIF, palette) are not the user's problem
+        # Everything happens inside the with: img may be the opened image itself, which closing frees.
         with Image.open(path) as img:
-            # For JPEG, let the decoder downscale a huge image while reading: memory stays bounded.
             img.draft("RGB", (tile_size, tile_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)
             img = _to_rgb(img)
-    width, height = img.size
-    if width != height:
-        side = min(width, height)
-        left, top = (width - side) // 2, (height - side) // 2
-        img = img.crop((left, top, left + side, top + side))
-    if img.size != (tile_size, tile_size):
-        img = img.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=3.0)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+            width, height = img.size
+            if width != height:
+                side = min(width, height)
+                left, top = (width - side) // 2, (height - side) // 2
+                img = img.crop((left, top, left + side, top + side))
+            if img.size != (tile_size, tile_size):
+                img = img.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=3.0)
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
 def describe_error(err):
@@ -119,14 +127,21 @@ def collate(items):
 class SkipLog:
     """Warns once per unreadable file, in the main process, and remembers them for the summary."""
 
-    def __init__(self):
+    def __init__(self, verbose=True):
         self.skipped = {}
+        self.verbose = verbose
+
+    @classmethod
+    def quiet(cls):
+        """A log that remembers without printing (non-zero ranks of a multi-process run)."""
+        return cls(verbose=False)
 
     def add(self, skipped):
         for path, reason in skipped:
             if path not in self.skipped:
                 self.skipped[path] = reason
-                print(f"warning: skipped {path}: {reason}", flush=True)
+                if self.verbose:
+                    print(f"warning: skipped {path}: {reason}", flush=True)
 
     def __len__(self):
         return len(self.skipped)

@@ -8,22 +8,26 @@ torch.compile ("_orig_mod.") prefixes, and float16 weights; anything else is one
 import os
 import pickle
 import tempfile
-import zipfile
 
 import torch
 
 from cli import UserError
 
 _PREFIXES = ("module.", "_orig_mod.")
+_UMASK = os.umask(0)  # read once at import: os.umask can only be read by setting it, racing other threads
+os.umask(_UMASK)
 
 
 def atomic_write(path, write):
     """Call write(tmp_path), then move tmp_path onto path in one step."""
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path!r}: it is a folder; give a file name")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(handle)
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); results should be shareable
         write(tmp)
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
@@ -39,8 +43,15 @@ def save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def _sentence(text):
+    """The first sentence of an error text, for a one-line message."""
+    return text.strip().splitlines()[0].split(". ")[0][:200] if text.strip() else ""
+
+
 def load(path):
     """torch.load(weights_only=True) with one-line errors for missing, damaged or unsafe files."""
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder, not a .pth file: check the model path in Config.py")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} not found: check the model path in Config.py")
     if os.path.getsize(path) == 0:
@@ -48,12 +59,18 @@ def load(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).splitlines()[0] if "weights_only" in str(err) or "Weights only" in str(err) else "damaged"
-        raise UserError(f"checkpoint {path!r} refused: it holds objects other than weights ({reason[:200]}); "
-                        "only load checkpoints from sources you trust, re-saved as plain state dicts")
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        # torch's text is a paragraph with terminal colour codes; its "WeightsUnpickler error" line names
+        # what the file wanted to build (such as "GLOBAL builtins.open").
+        text = str(err)
+        marker = "WeightsUnpickler error: "
+        detail = _sentence(text[text.index(marker) + len(marker):].split(" was not an allowed")[0]
+                           if marker in text else text)
+        raise UserError(f"checkpoint {path!r} refused: it holds objects other than weights, which could run "
+                        f"code when loaded ({detail}); only load checkpoints from sources you trust, "
+                        "re-saved as plain state dicts")
+    except Exception as err:  # a damaged file fails in many ways (zip reader, pickle opcodes, KeyError ...)
         raise UserError(f"checkpoint {path!r} is truncated or not a PyTorch checkpoint "
-                        f"({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})")
+                        f"({type(err).__name__}: {_sentence(str(err))}): re-copy or re-train it")
 
 
 def extract_state_dict(obj, path):

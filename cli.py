@@ -117,5 +117,10 @@ def check_writable(folder):
             pass
         os.remove(probe)
     except OSError as err:
-        raise UserError(f"cannot write to output folder {folder!r} ({err.strerror}): "
+        # "File exists" or "Not a directory" alone hides the cause: a file where a folder must go.
+        existing = os.path.abspath(folder)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        reason = f"{existing} is a file" if os.path.isfile(existing) else err.strerror
+        raise UserError(f"cannot write to output folder {folder!r} ({reason}): "
                         "choose another folder or fix its permissions")

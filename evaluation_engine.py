@@ -49,7 +49,7 @@ def reconstruct(model, images, device):
 def comparison_names(paths, folder):
     """Output path (relative to the output folder) of each input's comparison PNG: the input's subfolders
     are mirrored and the name is <stem>_comparison.png, with the extension added to the stem when two
-    files of one folder share a stem, and a hash when the name would be too long."""
+    files of one folder share a stem, and a hash when the name would be too long or still not unique."""
     relative = [os.path.relpath(p, folder) for p in paths]
     stems = [os.path.splitext(r) for r in relative]
     counts = {}
@@ -60,10 +60,21 @@ def comparison_names(paths, folder):
         if counts[stem] > 1:
             stem = f"{stem}_{ext.lstrip('.')}"
         directory, base = os.path.split(stem)
-        if len(base.encode("utf-8")) > _MAX_NAME_BYTES:
-            digest = hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()[:10]
-            base = base.encode("utf-8")[:_MAX_NAME_BYTES - 11].decode("utf-8", "ignore") + "_" + digest
+        # os.fsencode: a name that is not valid UTF-8 (bytes from another system) must not crash here.
+        if len(os.fsencode(base)) > _MAX_NAME_BYTES:
+            digest = hashlib.sha1(os.fsencode(base)).hexdigest()[:10]
+            base = os.fsencode(base)[:_MAX_NAME_BYTES - 11].decode("utf-8", "ignore") + "_" + digest
         names[path] = os.path.join(directory, f"{base}_comparison.png")
+    # Names can still clash (a.png and a.jpg beside a_png.bmp; A.png and a.png on a case-insensitive
+    # disk): those get a hash of their input path, so no comparison PNG overwrites another.
+    by_name = {}
+    for path, name in names.items():
+        by_name.setdefault(name.casefold(), []).append(path)
+    for group in by_name.values():
+        if len(group) > 1:
+            for path in group:
+                digest = hashlib.sha1(os.fsencode(os.path.relpath(path, folder))).hexdigest()[:8]
+                names[path] = names[path][:-len("_comparison.png")] + f"_{digest}_comparison.png"
     return names
 
 
@@ -110,7 +121,9 @@ def save_comparison(original, reconstruction, metrics, label, out_path):
 
 
 def _text_cell(cell, value):
-    """Store value as plain text: a name starting with '=' must never become a formula."""
+    """Store value as plain text: a name starting with '=' must never become a formula. Bytes of a file
+    name that are not UTF-8 become U+FFFD, since the workbook's XML cannot hold them."""
+    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     cell.value = ILLEGAL_CHARACTERS_RE.sub("?", value)
     cell.data_type = "s"
 
@@ -163,6 +176,9 @@ def evaluate(cfg, loss_name):
         raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
     if not workbook_path.lower().endswith(".xlsx"):
         raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} must end in .xlsx")
+    if os.path.isdir(workbook_path):
+        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} is a folder: give a file name "
+                        "ending in .xlsx")
     check_writable(out_dir)
     check_writable(os.path.dirname(workbook_path))
     dataset = ImageFolder(cfg.folder_path_test, cfg.tile_size)
@@ -175,8 +191,10 @@ def evaluate(cfg, loss_name):
 
     rows, skips, pending = [], SkipLog(), []
     # PNG encoding runs in threads (PIL releases the GIL there) while the next batch goes through the model.
+    # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
+    bar = tqdm(loader, desc="Evaluating", unit="batch", dynamic_ncols=True, leave=False)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for images, paths, skipped in tqdm(loader, desc="Evaluating", unit="batch", dynamic_ncols=True):
+        for images, paths, skipped in bar:
             skips.add(skipped)
             if not paths:
                 continue

@@ -1,23 +1,35 @@
-"""The training loop shared by Training_MSE.py and Training_SSIM.py."""
+"""The training loop shared by Training_MSE.py and Training_SSIM.py.
+
+One process per GPU under DistributedDataParallel when several GPUs are listed (started here through
+PyTorch's elastic launcher, or by torchrun), one process otherwise. Only rank 0 prints, logs and saves.
+Every epoch's order and augmentations are seeded by (seed, epoch), so a resumed run continues exactly
+where an uninterrupted one would be.
+"""
+import contextlib
 import csv
 import glob
 import io
 import math
 import os
 import re
+import signal
+import sys
 import time
+import uuid
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import UserError, check_writable, load_config, run_main, select_device
-from metrics import LOSSES
+from cli import UserError, check_writable, gpu_ids, load_config, run_main, select_device
+from metrics import LOSSES, per_image
 
-CSV_COLUMNS = ["Epoch", "Loss", "Learning_Rate", "Seconds"]
+CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
+INTERRUPT_NAME = "Model_AE_interrupt.pth"
 _EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth$")
 
 
@@ -32,6 +44,8 @@ def validate(cfg):
                         f"no larger than tile_size={cfg.tile_size}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise UserError(f"lr_schedule={cfg.lr_schedule!r}: use 'constant' or 'cosine'")
+    if not 0 <= cfg.val_fraction < 1:
+        raise UserError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
 
 
 def learning_rate(cfg, epoch):
@@ -81,17 +95,124 @@ def plot_history(png_path, rows, loss_name):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    epochs = [int(r["Epoch"]) for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([int(r["Epoch"]) for r in rows], [float(r["Loss"]) for r in rows], marker="o", markersize=3)
+    ax.plot(epochs, [float(r["Loss"]) for r in rows], marker="o", markersize=3, label="training")
+    validated = [(e, r) for e, r in zip(epochs, rows) if r.get("Val_MSE") not in (None, "")]
+    if validated:
+        key = "Val_MSE" if loss_name == "mse" else "Val_SSIM"
+        values = [float(r[key]) if loss_name == "mse" else 1 - float(r[key]) for _, r in validated]
+        ax.plot([e for e, _ in validated], values, marker="s", markersize=3, label="validation")
+        ax.legend()
     ax.set_xlabel("Epoch")
-    ax.set_ylabel(f"{loss_name.upper()} loss" if loss_name == "mse" else "1 - SSIM")
+    ax.set_ylabel("MSE loss" if loss_name == "mse" else "1 - SSIM")
     ax.set_title(f"Training loss ({loss_name.upper()})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    checkpoint_io.atomic_write(png_path, lambda tmp: open(tmp, "wb").write(buffer.getvalue()))
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+    checkpoint_io.atomic_write(png_path, write)
+
+
+class Distributed:
+    """Rank, world size and the collective ops; a single process is rank 0 of 1."""
+
+    def __init__(self, cfg):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = select_device(cfg.GPUs, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """Sum of a tensor over all processes (the tensor itself in one process)."""
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a seeded per-epoch shuffle, optionally skipping batches already done
+    (resuming an interrupted epoch)."""
+
+    def __init__(self, indices, seed, rank, world, batch_size):
+        self.indices, self.seed, self.rank, self.world, self.batch_size = list(indices), seed, rank, world, batch_size
+        self.epoch, self.skip_batches = 1, 0
+        self.per_rank = len(self.indices) // world
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epoch, self.skip_batches = epoch, skip_batches
+
+    def order(self):
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        permuted = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        return permuted[self.rank:self.per_rank * self.world:self.world]
+
+    def __iter__(self):
+        return iter(self.order()[self.skip_batches * self.batch_size:])
+
+    def __len__(self):
+        return max(0, self.per_rank - self.skip_batches * self.batch_size)
+
+
+def split_indices(count, val_fraction, seed):
+    """(training indices, validation indices): a fixed random share of the tiles, chosen by seed."""
+    n_val = int(round(count * val_fraction))
+    if val_fraction > 0 and n_val == 0 and count >= 2:
+        n_val = 1
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+@torch.no_grad()
+def validation_metrics(model, loader, device, ddp):
+    """Mean MSE, PSNR and SSIM of the validation tiles (whole tiles, no augmentation), over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, _, _ in loader:
+        if len(images):
+            x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+            amp_dtype = autocast_dtype(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                recon = model(x)
+            metrics = per_image(recon.float().clamp(0, 1), x)
+            sums += torch.stack([metrics["MSE"].sum(), metrics["PSNR"].sum(), metrics["SSIM"].sum(),
+                                 torch.tensor(float(len(x)), device=device)]).double()
+    ddp.sum(sums)
+    model.train()
+    if sums[3] == 0:
+        return None
+    return {"MSE": (sums[0] / sums[3]).item(), "PSNR": (sums[1] / sums[3]).item(), "SSIM": (sums[2] / sums[3]).item()}
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """A job scheduler's SIGTERM is handled like Ctrl-C: save an interrupt checkpoint, then stop."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train(cfg, loss_name):
@@ -101,95 +222,202 @@ def train(cfg, loss_name):
     csv_path = getattr(cfg, f"training_loss_file_{loss_name}")
     plot_path = os.path.splitext(csv_path)[0] + ".png"
     final_path = os.path.join(ckpt_dir, f"Final_Model_AE_{loss_name.upper()}.pth")
-    check_writable(ckpt_dir)
-    check_writable(os.path.dirname(csv_path))
+    best_path = os.path.join(ckpt_dir, f"Best_Model_AE_{loss_name.upper()}.pth")
+    interrupt_path = os.path.join(ckpt_dir, INTERRUPT_NAME)
+    ddp = Distributed(cfg)
+    device, say = ddp.device, (print if ddp.main else (lambda *a, **k: None))
+    if ddp.main:
+        check_writable(ckpt_dir)
+        check_writable(os.path.dirname(csv_path))
+    if cfg.batch_size_train % ddp.world:
+        raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} processes")
+    batch_size = cfg.batch_size_train // ddp.world
 
-    device = select_device(cfg.GPUs)
     dataset = ImageFolder(cfg.folder_path_train, cfg.tile_size)
-    model = AutoEncoder().to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.seed)
+    if len(train_idx) < ddp.world:
+        raise UserError(f"{cfg.folder_path_train!r} holds {len(train_idx)} training tiles, fewer than the "
+                        f"{ddp.world} training processes")
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every fresh run
+    raw_model = AutoEncoder().to(device, memory_format=torch.channels_last)
+    if ddp.world > 1 and cfg.sync_batchnorm:
+        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = LOSSES[loss_name]
 
-    start_epoch, history = 1, []
-    previous = latest_checkpoint(ckpt_dir)
-    if previous and cfg.resume:
-        epoch, path = previous
-        state = checkpoint_io.load(path)
-        checkpoint_io.load_weights(model, path)
+    start_epoch, skip_batches, history, best_val, partial = 1, 0, [], math.inf, None
+    periodic = latest_checkpoint(ckpt_dir)
+    interrupted = checkpoint_io.load(interrupt_path) if os.path.isfile(interrupt_path) else None
+    if interrupted is not None and periodic and periodic[0] >= interrupted["epoch"]:
+        interrupted = None  # an older interruption that a later run already went past
+    source = interrupt_path if interrupted is not None else periodic[1] if periodic else None
+    if source and cfg.resume:
+        state = interrupted if interrupted is not None else checkpoint_io.load(source)
+        checkpoint_io.load_weights(raw_model, source)
         optimizer.load_state_dict(state["optimizer_state_dict"])
         if "scaler_state_dict" in state:
             scaler.load_state_dict(state["scaler_state_dict"])
-        start_epoch, history = epoch + 1, read_history(csv_path, epoch)
-        print(f"Resuming from {path} (epoch {epoch}); pass --resume=false to start over.")
-    elif previous:
-        print(f"Starting fresh (resume=False): checkpoints in {ckpt_dir} and {csv_path} will be overwritten.")
+        best_val = state.get("best_val_loss", math.inf)
+        if interrupted is not None:
+            start_epoch, skip_batches, partial = state["epoch"], state["step"], state
+            history = read_history(csv_path, start_epoch - 1)
+            say(f"Resuming from {source} (epoch {start_epoch}, after step {skip_batches}); "
+                "pass --resume=false to start over.")
+        else:
+            start_epoch, history = state["epoch"] + 1, read_history(csv_path, state["epoch"])
+            say(f"Resuming from {source} (epoch {state['epoch']}); pass --resume=false to start over.")
+    elif source:
+        say(f"Starting fresh (resume=False): checkpoints in {ckpt_dir} and {csv_path} will be overwritten.")
     if start_epoch > cfg.num_epochs:
-        print(f"Nothing to do: already trained for {start_epoch - 1} of num_epochs={cfg.num_epochs} epochs.")
+        say(f"Nothing to do: already trained for {start_epoch - 1} of num_epochs={cfg.num_epochs} epochs.")
+        ddp.close()
         return history
 
-    sampler_gen = torch.Generator()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size_train, shuffle=True, generator=sampler_gen,
-        num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-        persistent_workers=cfg.num_workers > 0, drop_last=len(dataset) > cfg.batch_size_train)
-    skips = SkipLog()
-    crop = cfg.train_crop_size
-    print(f"Training on {len(dataset)} tiles from {cfg.folder_path_train} on {device}, "
-          f"{loss_name.upper()} loss, epochs {start_epoch}..{cfg.num_epochs}.")
+    model = raw_model
+    if ddp.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile_model:
+        model = torch.compile(model)
+    sampler = EpochSampler(train_idx, cfg.seed, ddp.rank, ddp.world, batch_size)
+    loader_args = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                       persistent_workers=cfg.num_workers > 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                                         drop_last=sampler.per_rank > batch_size, **loader_args)
+    val_loader = None
+    if val_idx:
+        val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, val_idx[ddp.rank::ddp.world]),
+                                                 batch_size=batch_size, **loader_args)
+    skips = SkipLog() if ddp.main else SkipLog.quiet()
+    images_seen = int(history[-1]["Images_Seen"]) if history and history[-1].get("Images_Seen") else 0
+    say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
+        f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {loss_name.upper()} loss, "
+        f"epochs {start_epoch}..{cfg.num_epochs}.")
 
-    for epoch in range(start_epoch, cfg.num_epochs + 1):
-        # Seeding per epoch makes the order and the augmentations of epoch N the same whether or not
-        # the run was resumed.
-        sampler_gen.manual_seed(cfg.seed * 100003 + epoch)
-        aug_gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch + 50000)
-        lr = learning_rate(cfg, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        started = time.time()
-        total, seen = torch.zeros((), device=device), 0
-        bar = tqdm(loader, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True)
-        for step, (images, _, skipped) in enumerate(bar, start=1):
-            skips.add(skipped)
-            if len(images) == 0:  # every file of this batch was unreadable
+    def snapshot(epoch, step, total, seen, aug_gen, seconds):
+        return {"epoch": epoch, "step": step, "model_state_dict": raw_model.state_dict(),
+                "optimizer_state_dict": optimizer.state_dict(), "scaler_state_dict": scaler.state_dict(),
+                "best_val_loss": best_val, "loss_sum": total, "loss_count": seen,
+                "aug_rng_state": aug_gen.get_state(), "images_seen": images_seen, "seconds": seconds}
+
+    epoch = start_epoch
+    with sigterm_as_interrupt():
+        for epoch in range(start_epoch, cfg.num_epochs + 1):
+            aug_gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 64 + ddp.rank + 1)
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            seen, step, seconds_before = 0, 0, 0.0
+            if partial is not None:
+                aug_gen.set_state(partial["aug_rng_state"])
+                total += partial["loss_sum"]
+                seen, step, seconds_before = partial["loss_count"], partial["step"], partial["seconds"]
+                images_seen = partial["images_seen"]
+            sampler.set_epoch(epoch, step)
+            partial = None
+            lr = learning_rate(cfg, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            started = time.time()
+            bar = tqdm(loader, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False,
+                       dynamic_ncols=True, disable=not ddp.main, initial=step, total=step + len(loader))
+            try:
+                for images, _, skipped in bar:
+                    skips.add(skipped)
+                    images = images.to(device, non_blocking=True)
+                    batch = prepare_batch(images, cfg.train_crop_size, cfg.augment, aug_gen)
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        output = model(batch)
+                    loss = loss_fn(output, batch)
+                    # Every rank sees the same verdict, so none is left waiting in a collective.
+                    finite = ddp.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
+                    if finite.item() < ddp.world:
+                        raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; training "
+                                        f"stopped and the last good checkpoint in {ckpt_dir} is intact: "
+                                        "lower learning_rate and rerun")
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    total += loss.detach().double() * len(images)
+                    seen += len(images)
+                    step += 1
+                    images_seen += len(images) * ddp.world
+                    if step % 5 == 0 or step == bar.total:
+                        bar.set_postfix(loss=f"{total.item() / seen:.5f}")
+            except KeyboardInterrupt:
+                bar.close()
+                if ddp.main:
+                    checkpoint_io.save(snapshot(epoch, step, total.item(), seen, aug_gen,
+                                                seconds_before + time.time() - started), interrupt_path)
+                    print(f"\nInterrupted at epoch {epoch}, step {step}: saved {interrupt_path}; "
+                          "run the same command again to resume.", file=sys.stderr)
+                raise
+            bar.close()
+            sums = ddp.sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+            if sums[1] == 0:
+                raise UserError(f"no readable images in {cfg.folder_path_train!r} ({skips.summary()}): "
+                                "check the folder holds image tiles")
+            average = (sums[0] / sums[1]).item()
+            val = validation_metrics(raw_model, val_loader, device, ddp) if val_loader is not None else None
+            if not ddp.main:
                 continue
-            images = images.to(device, non_blocking=True)
-            batch = prepare_batch(images, crop, cfg.augment, aug_gen).contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                output = model(batch)
-            loss = loss_fn(output, batch)
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; training stopped "
-                                f"and the last good checkpoint in {ckpt_dir} is intact: lower learning_rate and rerun")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            total += loss.detach() * len(images)
-            seen += len(images)
-            if step % 5 == 0 or step == len(loader):
-                bar.set_postfix(loss=f"{total.item() / seen:.5f}")
-        bar.close()
-        if seen == 0:
-            raise UserError(f"no readable images in {cfg.folder_path_train!r} ({skips.summary()}): "
-                            "check the folder holds image tiles")
-        average = total.item() / seen
-        print(f"Epoch {epoch}/{cfg.num_epochs}, Average Loss: {average:.6f}", flush=True)
-        history.append({"Epoch": epoch, "Loss": f"{average:.6f}", "Learning_Rate": f"{lr:.3g}",
-                        "Seconds": f"{time.time() - started:.1f}"})
-        write_history(csv_path, history)
-        plot_history(plot_path, history, loss_name)
-        if epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs:
-            checkpoint_io.save({"epoch": epoch, "model_state_dict": model.state_dict(),
-                                "optimizer_state_dict": optimizer.state_dict(),
-                                "scaler_state_dict": scaler.state_dict(), "loss": average},
-                               os.path.join(ckpt_dir, f"Model_AE_epoch_{epoch:03d}.pth"))
-    checkpoint_io.save(model.state_dict(), final_path)
-    print(f"Saved {final_path}; loss log {csv_path}, curve {plot_path}; {skips.summary()}.")
+            val_note = (f", Validation MSE {val['MSE']:.6f} PSNR {val['PSNR']:.2f} dB SSIM {val['SSIM']:.4f}"
+                        if val else "")
+            print(f"Epoch {epoch}/{cfg.num_epochs}, Average Loss: {average:.6f}{val_note}", flush=True)
+            history.append({"Epoch": epoch, "Loss": f"{average:.6f}", "Learning_Rate": f"{lr:.4g}",
+                            "Images_Seen": images_seen, "Seconds": f"{seconds_before + time.time() - started:.1f}",
+                            **({f"Val_{k}": f"{v:.6f}" for k, v in val.items()} if val else {})})
+            if val:
+                val_loss = val["MSE"] if loss_name == "mse" else 1 - val["SSIM"]
+                if val_loss < best_val:
+                    best_val = val_loss
+                    checkpoint_io.save(raw_model.state_dict(), best_path)
+            write_history(csv_path, history)
+            plot_history(plot_path, history, loss_name)
+            if epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs:
+                state = snapshot(epoch, 0, 0.0, 0, aug_gen, 0.0)
+                checkpoint_io.save({k: state[k] for k in ("epoch", "model_state_dict", "optimizer_state_dict",
+                                                          "scaler_state_dict", "best_val_loss")} | {"loss": average},
+                                   os.path.join(ckpt_dir, f"Model_AE_epoch_{epoch:03d}.pth"))
+                if os.path.exists(interrupt_path):
+                    os.remove(interrupt_path)
+    if ddp.main:
+        checkpoint_io.save(raw_model.state_dict(), final_path)
+        print(f"Saved {final_path}{' and ' + best_path if val_loader is not None else ''}; "
+              f"loss log {csv_path}, curve {plot_path}; {skips.summary()}.")
+    ddp.barrier()
+    ddp.close()
     return history
 
 
+def _worker(loss_name, argv):
+    """Entry point of one process started by the elastic launcher."""
+    run_main(lambda: train(load_config(argv), loss_name))
+
+
+def launch(loss_name, argv, processes=None):
+    """Train in this process, or start one process per listed GPU through PyTorch's elastic launcher
+    (the machinery behind torchrun). processes overrides the count (tests use 2 CPU processes)."""
+    cfg = load_config(argv)
+    if "WORLD_SIZE" in os.environ:  # already started by torchrun
+        return train(cfg, loss_name)
+    if processes is None:
+        processes = len(gpu_ids(cfg.GPUs)) if torch.cuda.is_available() else 1
+    if processes <= 1:
+        return train(cfg, loss_name)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.5)
+    print(f"Starting {processes} training processes (DistributedDataParallel).")
+    try:
+        elastic_launch(config, _worker)(loss_name, argv)
+    except ChildFailedError:
+        raise UserError("a training process failed (its message is above); fix it and run the same command "
+                        "again to resume")
+
+
 def main(loss_name):
-    run_main(lambda: train(load_config(), loss_name))
+    run_main(lambda: launch(loss_name, sys.argv[1:]))

@@ -1,0 +1,204 @@
+"""Encoder features for DeepCluster++: one 512-d vector per tile, the global average of the autoencoder's
+512 x H/32 x W/32 latent map (only the encoder runs).
+
+    python Extract_Features.py --folder_path_features=my_tiles --model_path_ssim=checkpoints/SSIM/Final_Model_AE_SSIM.pth
+
+The model is model_path_ssim (any checkpoint layout the evaluation scripts accept; pass an MSE model there
+to describe tiles with it). Tiles are found recursively and decoded exactly as for training, in sorted
+order. With features_output = features/features.csv it writes, each file atomically:
+
+    features/features.csv          Feature_1,...,Feature_512,File_Path - one row per readable tile
+    features/features.npy          the same numbers as float32 N x 512, for fast loading
+    features/features_paths.txt    the tile paths, one per line, in the same order
+    features/features_pca.png      the first two principal components, coloured by first-level subfolder
+    features/features_skipped.csv  Path,Reason of each unreadable file (only when there are any)
+"""
+import csv
+import os
+import time
+
+import numpy as np
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+import checkpoint_io
+from Auto_encoder import DOWNSAMPLING
+from Dataset import ImageFolder, SkipLog, collate
+from cli import UserError, check_writable, load_config, run_main, select_device
+from evaluation_engine import load_model
+from training_engine import autocast_dtype
+
+FEATURE_DIM = 512
+FEATURE_COLUMNS = [f"Feature_{i}" for i in range(1, FEATURE_DIM + 1)]
+FLOAT_FORMAT = "%.9g"  # nine significant digits read back to the identical float32
+TOP_FOLDER_LABEL = "(top folder)"
+MAX_LEGEND_GROUPS = 20  # beyond this the colours repeat and a legend would hide the plot
+
+
+def output_paths(csv_path):
+    """Every output file, derived from features_output (which must end in .csv)."""
+    if not csv_path.lower().endswith(".csv"):
+        raise UserError(f"features_output={csv_path!r} must end in .csv (for example features/features.csv)")
+    stem = csv_path[:-4]
+    return {"csv": csv_path, "npy": stem + ".npy", "paths": stem + "_paths.txt",
+            "pca": stem + "_pca.png", "skipped": stem + "_skipped.csv"}
+
+
+@torch.inference_mode()
+def embed_batch(model, images, device):
+    """uint8 N x 3 x H x W tiles -> float32 N x 512 features on the CPU."""
+    x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(device)
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        features = model.embed(x)
+    return features.float().cpu().numpy()
+
+
+def pca_2d(features):
+    """(N x 2 scores on the first two principal axes, share of the variance each explains).
+
+    The SVD is of the 512 x 512 scatter matrix of the centred features: the same axes as the SVD of
+    the centred features themselves, with memory that does not grow with the number of tiles."""
+    data = features.astype(np.float64)
+    centred = data - data.mean(axis=0)
+    _, eigenvalues, axes = np.linalg.svd(centred.T @ centred)
+    axes = axes[:2]
+    # An axis's sign is arbitrary; fixing it keeps the plot the same across machines and library versions.
+    signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
+    axes *= np.where(signs == 0, 1.0, signs)[:, None]
+    total = eigenvalues.sum()
+    explained = eigenvalues[:2] / total if total > 0 else np.zeros(2)
+    return centred @ axes.T, explained
+
+
+def subfolder_labels(paths, folder):
+    """The first-level subfolder of folder that holds each path (TOP_FOLDER_LABEL for files directly in it)."""
+    labels = []
+    for path in paths:
+        parts = os.path.relpath(path, folder).split(os.sep)
+        labels.append(parts[0] if len(parts) > 1 else TOP_FOLDER_LABEL)
+    return labels
+
+
+def pca_figure(features, labels, folder):
+    scores, explained = pca_2d(features)
+    groups = list(dict.fromkeys(labels))
+    label_array = np.array(labels, dtype=object)
+    palette = colormaps["tab10" if len(groups) <= 10 else "tab20"]
+    figure = Figure(figsize=(8, 6.5), dpi=120)
+    axes = figure.add_subplot()
+    size = float(np.clip(4000 / len(labels), 3, 40))
+    for i, group in enumerate(groups):
+        chosen = label_array == group
+        axes.scatter(scores[chosen, 0], scores[chosen, 1], s=size, alpha=0.75, linewidths=0,
+                     color=palette(i % palette.N), label=f"{group} ({int(chosen.sum())})")
+    axes.set_xlabel(f"PC 1 ({explained[0] * 100:.1f}% of variance)")
+    axes.set_ylabel(f"PC 2 ({explained[1] * 100:.1f}% of variance)")
+    title = f"Encoder features of {len(labels)} tiles in {folder}"
+    if len(groups) <= MAX_LEGEND_GROUPS:
+        axes.legend(title="Subfolder", fontsize="small", markerscale=max(1.0, 30 / size), loc="best")
+    else:
+        title += f"\n{len(groups)} subfolders (too many for a legend; colours repeat)"
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def _csv_field(text):
+    """text as one CSV field, quoted the way the csv module and pandas read it back."""
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\r\n') else text
+
+
+def write_outputs(outputs, features, paths, skipped, folder):
+    def write_csv(tmp):
+        # One %-format per row is several times faster than DataFrame.to_csv for 512 float columns.
+        row_format = ",".join([FLOAT_FORMAT] * FEATURE_DIM)
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+            handle.write(",".join(FEATURE_COLUMNS + ["File_Path"]) + "\n")
+            for row, path in zip(features, paths):
+                handle.write(f"{row_format % tuple(row.tolist())},{_csv_field(path)}\n")
+
+    def write_npy(tmp):
+        with open(tmp, "wb") as handle:  # np.save would append .npy to a bare temporary name
+            np.save(handle, features)
+
+    def write_paths(tmp):
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="\n") as handle:
+            handle.writelines(path + "\n" for path in paths)
+
+    def write_skipped(tmp):
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\n")
+            writer.writerow(["Path", "Reason"])
+            writer.writerows(skipped.items())
+
+    checkpoint_io.atomic_write(outputs["csv"], write_csv)
+    checkpoint_io.atomic_write(outputs["npy"], write_npy)
+    checkpoint_io.atomic_write(outputs["paths"], write_paths)
+    if skipped:
+        checkpoint_io.atomic_write(outputs["skipped"], write_skipped)
+    elif os.path.exists(outputs["skipped"]):
+        os.remove(outputs["skipped"])  # a list left by an earlier run would blame files that now read fine
+    figure = pca_figure(features, subfolder_labels(paths, folder), folder)
+    checkpoint_io.atomic_write(outputs["pca"], lambda tmp: figure.savefig(tmp, format="png"))
+
+
+def extract_features(cfg):
+    """Describe every tile under folder_path_features; returns (features float32 N x 512, paths)."""
+    folder, model_path = cfg.folder_path_features, cfg.model_path_ssim
+    outputs = output_paths(cfg.features_output)
+    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
+        raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
+    if cfg.batch_size_test < 1:
+        raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+    if cfg.num_workers < 0:
+        raise UserError(f"num_workers={cfg.num_workers} must be 0 or more")
+    check_writable(os.path.dirname(outputs["csv"]))
+    dataset = ImageFolder(folder, cfg.tile_size)
+    device = select_device(cfg.GPUs)
+    model = load_model(model_path, device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=cfg.num_workers,
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    print(f"Extracting encoder features with {model_path} from {len(dataset)} files in {folder} on {device}.")
+
+    chunks, paths, skips = [], [], SkipLog()
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), desc="Extracting", unit="tile", dynamic_ncols=True) as progress:
+        for images, batch_paths, skipped in loader:
+            skips.add(skipped)
+            if batch_paths:
+                chunks.append(embed_batch(model, images, device))
+                paths.extend(batch_paths)
+            progress.update(len(batch_paths) + len(skipped))
+    seconds = time.perf_counter() - start
+    if not paths:
+        raise UserError(f"none of the {len(dataset)} files in {folder!r} could be read as an image "
+                        "(see the warnings above); nothing was written")
+    features = np.concatenate(chunks)
+    broken = int((~np.isfinite(features).all(axis=1)).sum())
+    if broken:
+        raise UserError(f"the model gave NaN or infinite features for {broken} of {len(paths)} tiles: "
+                        f"{model_path!r} is probably a diverged checkpoint; nothing was written")
+    write_outputs(outputs, features, paths, skips.skipped, folder)
+
+    print(f"Extracted {len(paths)} feature vectors of {features.shape[1]} values; {skips.summary()}; "
+          f"{len(paths) / max(seconds, 1e-9):.1f} images/s.")
+    for path, reason in skips.skipped.items():
+        print(f"  skipped {path}: {reason}")
+    print(f"Features CSV (DeepCluster++ input): {outputs['csv']}")
+    print(f"Same features as float32 array: {outputs['npy']} (tile paths in order: {outputs['paths']})")
+    print(f"PCA plot: {outputs['pca']}")
+    if skips.skipped:
+        print(f"Skipped files: {outputs['skipped']}")
+    return features, paths
+
+
+def main():
+    run_main(lambda: extract_features(load_config()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Evaluation_MSE.py / Evaluation_SSIM.py run as a user runs them: comparison PNGs, the metrics workbook,
+agreement with scikit-image, the checkpoint layouts they accept, and batch-size independence."""
+import os
+
+import numpy as np
+import openpyxl
+import pytest
+import torch
+from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+import evaluation_engine
+from Auto_encoder import AutoEncoder
+from Dataset import find_images, load_image
+from cli import UserError, load_config
+from conftest import REPO, SAMPLE_TILES, tile_array
+
+TILE = 64
+IMAGES = ["A/x.png", "B/x.png", "B/C/y.jpg", "B/C/deep/w.tif", "z.png", "A/v.webp", "q.bmp"]
+BROKEN = "B/broken.png"
+COLUMNS = ["Image Path", "MSE", "PSNR", "SSIM"]
+METRICS = ("MSE", "PSNR", "SSIM")
+TOL = 1e-4
+
+
+def reference_metrics(original, reconstruction):
+    """scikit-image's MSE, PSNR and SSIM of two H x W x 3 float arrays in [0, 1]."""
+    return {"MSE": float(np.mean((original - reconstruction) ** 2)),
+            "PSNR": peak_signal_noise_ratio(original, reconstruction, data_range=1),
+            "SSIM": structural_similarity(reconstruction, original, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False, data_range=1, channel_axis=-1)}
+
+
+def agrees(value, reference, name):
+    """SSIM to TOL; MSE and PSNR relatively, since 8-bit rounding of the output would shift them by less than TOL."""
+    return value == pytest.approx(reference, abs=TOL) if name == "SSIM" else value == pytest.approx(reference, rel=1e-5)
+
+
+def model_output(model_path, image_paths, tile_size):
+    """uint8 originals and the model's float reconstructions, computed here independently of the script."""
+    images = torch.stack([load_image(str(p), tile_size) for p in image_paths])
+    model = evaluation_engine.load_model(str(model_path), torch.device("cpu"))
+    originals, reconstructions, _ = evaluation_engine.reconstruct(model, images, torch.device("cpu"))
+    return images, originals, reconstructions
+
+
+def as_array(tensor):
+    return tensor.permute(1, 2, 0).double().numpy()
+
+
+def read_workbook(path):
+    book = openpyxl.load_workbook(path)
+    sheets = {name: [list(row) for row in book[name].iter_rows(values_only=True)] for name in book.sheetnames}
+    return sheets
+
+
+def summary_rows(sheets):
+    return {row[0]: row[1:] for row in sheets["Summary"] if row and row[0] is not None}
+
+
+def eval_args(folder, model, out, batch, loss="mse"):
+    return [f"--folder_path_test={folder}", f"--model_path_{loss}={model}", f"--recon_output_{loss}={out}/recon/",
+            f"--reconstruction_metrics_{loss}={out}/metrics.xlsx", f"--tile_size={TILE}", "--num_workers=0",
+            "--GPUs=cpu", f"--batch_size_test={batch}"]
+
+
+def assert_succeeded(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "fresh.pth"
+    torch.save(AutoEncoder().state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def workdir(tmp_path, model_path):
+    """tiles/ with seven images in nested subfolders (the stem x in two of them) and one broken file."""
+    for index, name in enumerate(IMAGES):
+        path = tmp_path / "tiles" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tile_array(index, 80)).save(path, quality=95)
+    (tmp_path / "tiles" / BROKEN).write_bytes(b"\x89PNG but not really")
+    return tmp_path
+
+
+def test_evaluation_outputs(workdir, model_path, run_script):
+    result = run_script("Evaluation_MSE.py", *eval_args("tiles", model_path, "out", 3), cwd=workdir)
+    assert_succeeded(result)
+    assert BROKEN.replace("/", os.sep) in result.stdout  # the skipped file is reported
+
+    inputs = sorted(os.path.join("tiles", name) for name in IMAGES)
+    sheets = read_workbook(workdir / "out" / "metrics.xlsx")
+    assert {"Metrics", "Summary", "Skipped"} <= set(sheets)
+    metrics_sheet = sheets["Metrics"]
+    assert metrics_sheet[0] == COLUMNS
+    rows = [dict(zip(COLUMNS, row)) for row in metrics_sheet[1:]]
+    assert sorted(row["Image Path"] for row in rows) == inputs
+    assert len(rows) == len(IMAGES)
+
+    # One PNG per image, mirroring the subfolders; the two x.png files do not overwrite each other.
+    recon_dir = workdir / "out" / "recon"
+    written = sorted(os.path.relpath(p, recon_dir) for p in recon_dir.rglob("*") if p.is_file())
+    expected_names = sorted(os.path.splitext(name)[0] + "_comparison.png" for name in IMAGES)
+    assert written == [os.path.normpath(n) for n in expected_names]
+
+    # Workbook metrics are those of the model's float output, as scikit-image computes them.
+    paths = [workdir / row["Image Path"] for row in rows]
+    images, originals, reconstructions = model_output(model_path, paths, TILE)
+    for i, row in enumerate(rows):
+        reference = reference_metrics(as_array(originals[i]), as_array(reconstructions[i]))
+        for name in METRICS:
+            assert isinstance(row[name], float)
+            assert agrees(row[name], reference[name], name), (row["Image Path"], name)
+
+    # Each PNG is evaluation_engine.comparison_image of the tile and its 8-bit reconstruction.
+    recon_u8 = reconstructions.mul(255).round().to(torch.uint8)
+    for i, row in enumerate(rows):
+        label = os.path.relpath(row["Image Path"], "tiles")
+        expected = evaluation_engine.comparison_image(images[i], recon_u8[i], row, label)
+        with Image.open(recon_dir / (os.path.splitext(label)[0] + "_comparison.png")) as png:
+            assert png.size == expected.size
+            difference = np.abs(np.asarray(png.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int))
+        assert difference.max() <= 1, label
+
+    summary = summary_rows(sheets)
+    assert summary["Metric"] == ["Count", "Mean", "Std", "Min", "Max"]
+    for name in METRICS:
+        values = np.array([row[name] for row in rows])
+        count, mean, std, low, high = summary[name][:5]
+        assert count == len(IMAGES)
+        assert mean == pytest.approx(values.mean(), abs=1e-9)
+        assert std == pytest.approx(values.std(ddof=1), abs=1e-9)
+        assert (low, high) == (pytest.approx(values.min()), pytest.approx(values.max()))
+    assert summary["Model"][0] == str(model_path)
+
+    skipped = sheets["Skipped"]
+    assert skipped[0][:2] == ["Path", "Reason"]
+    assert [row[0] for row in skipped[1:]] == [os.path.join("tiles", BROKEN)]
+    assert skipped[1][1]
+
+
+def test_batch_size_is_honoured(workdir, model_path, monkeypatch):
+    """Batches of 3 and of 32 files reach the model as such (less the broken file) and give the same numbers."""
+    sizes = []
+    reconstruct = evaluation_engine.reconstruct
+
+    def recording(model, images, device):
+        sizes.append(len(images))
+        return reconstruct(model, images, device)
+
+    monkeypatch.setattr(evaluation_engine, "reconstruct", recording)
+    monkeypatch.chdir(workdir)
+    results = {}
+    for batch in (3, 32):
+        sizes.clear()
+        cfg = load_config(eval_args("tiles", model_path, f"out{batch}", batch))
+        results[batch] = evaluation_engine.evaluate(cfg, "mse")
+        files = find_images("tiles")
+        expected = [sum(not p.endswith("broken.png") for p in files[i:i + batch]) for i in range(0, len(files), batch)]
+        assert sizes == expected and len(sizes) == (3 if batch == 3 else 1)
+    assert [row["Image Path"] for row in results[3]] == [row["Image Path"] for row in results[32]]
+    for row3, row32 in zip(results[3], results[32]):
+        for name in METRICS:
+            assert row3[name] == pytest.approx(row32[name], abs=1e-5)
+
+
+def layouts(state):
+    """Checkpoint layouts users bring: (name, object saved, state dict the model must end up with)."""
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    as_loaded_from_half = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
+    return [
+        ("bare", state, state),
+        ("training", {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []},
+                      "loss": 0.1}, state),
+        ("data_parallel", {f"module.{k}": v for k, v in state.items()}, state),
+        ("ddp_in_training_dict", {"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in state.items()}},
+         state),
+        ("compiled", {f"_orig_mod.{k}": v for k, v in state.items()}, state),
+        ("state_dict_key", {"state_dict": state}, state),
+        ("float16", half, as_loaded_from_half),
+        ("float16_module", {f"module.{k}": v for k, v in half.items()}, as_loaded_from_half),
+    ]
+
+
+@pytest.mark.parametrize("layout", [name for name, _, _ in layouts(AutoEncoder().state_dict())])
+def test_checkpoint_layouts_load(tmp_path, model_path, layout):
+    state = torch.load(model_path, weights_only=True)
+    saved, expected = next((obj, exp) for name, obj, exp in layouts(state) if name == layout)
+    path = tmp_path / f"{layout}.pth"
+    torch.save(saved, path)
+    model = evaluation_engine.load_model(str(path), torch.device("cpu"))
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    for key, value in expected.items():
+        assert loaded[key].dtype == state[key].dtype
+        assert torch.equal(loaded[key], value.to(state[key].dtype)), key
+    assert not model.training
+    x = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = evaluation_engine.load_model(str(model_path), torch.device("cpu"))(x)
+        assert torch.allclose(model(x), reference, atol=1e-2 if "float16" in layout else 1e-6)
+
+
+def test_checkpoint_with_extra_keys_is_refused(tmp_path, model_path):
+    state = torch.load(model_path, weights_only=True)
+    state["head.weight"] = torch.zeros(3)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(UserError, match="head.weight"):
+        evaluation_engine.load_model(str(tmp_path / "extra.pth"), torch.device("cpu"))
+
+
+def test_checkpoint_that_does_not_fit_exits_2_naming_keys(workdir, model_path, run_script):
+    state = torch.load(model_path, weights_only=True)
+    del state["encoder.0.bias"]
+    state["decoder.15.weight"] = torch.zeros(4, 32, 3, 3)
+    torch.save(state, workdir / "wrong.pth")
+    result = run_script("Evaluation_MSE.py", *eval_args("tiles", "wrong.pth", "out", 4), cwd=workdir)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "encoder.0.bias" in lines[0] and "decoder.15.weight" in lines[0] and "wrong.pth" in lines[0]
+    assert not (workdir / "out" / "metrics.xlsx").exists()
+    assert not list((workdir / "out").rglob("*.png"))
+
+
+def test_shipped_defaults_on_sample_tiles(tmp_path, run_script):
+    """Evaluation_SSIM.py exactly as shipped (input_images, the sample SSIM model), outputs redirected."""
+    result = run_script("Evaluation_SSIM.py", f"--recon_output_ssim={tmp_path}/recon/",
+                        f"--reconstruction_metrics_ssim={tmp_path}/metrics.xlsx", cwd=REPO, timeout=400)
+    assert_succeeded(result)
+    tiles = sorted(SAMPLE_TILES.glob("*.png"))
+    assert len(tiles) == 16
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == sorted(f"{p.stem}_comparison.png" for p in tiles)
+    for png in (tmp_path / "recon").iterdir():
+        with Image.open(png) as image:
+            image.verify()
+
+    sheets = read_workbook(tmp_path / "metrics.xlsx")
+    assert sheets["Metrics"][0] == COLUMNS
+    rows = [dict(zip(COLUMNS, row)) for row in sheets["Metrics"][1:]]
+    assert len(rows) == 16
+    assert [os.path.basename(row["Image Path"]) for row in rows] == [p.name for p in tiles]
+    assert summary_rows(sheets)["SSIM"][0] == 16
+    assert summary_rows(sheets)["Model"][0] == "sample_models/model_auto_encoder_reconstruction_ssim.pth"
+
+    model = REPO / "sample_models" / "model_auto_encoder_reconstruction_ssim.pth"
+    images, originals, reconstructions = model_output(model, tiles[:3], 256)
+    for i in range(3):
+        reference = reference_metrics(as_array(originals[i]), as_array(reconstructions[i]))
+        for name in METRICS:
+            assert agrees(rows[i][name], reference[name], name), (rows[i]["Image Path"], name)

@@ -1,0 +1,212 @@
+"""Training_MSE.py / Training_SSIM.py run as a user runs them, on a few tiny generated tiles."""
+import csv
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import metrics
+import training_engine
+from Auto_encoder import AutoEncoder
+from cli import load_config
+from conftest import REPO, script_env, tile_array
+
+TILE_NAMES = [f"slide{i // 4}/tile_{i}.png" for i in range(6)] + ["extra/deeper/tile_6.jpg", "tile_7.png"]
+CHECKPOINT_KEYS = {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}
+
+
+def settings(tiles, out, loss, epochs, *extra):
+    return [f"--folder_path_train={tiles}", "--tile_size=64", "--batch_size_train=4", f"--num_epochs={epochs}",
+            "--save_interval=1", "--num_workers=0", "--GPUs=cpu",
+            f"--model_saved_location_{loss}={out / 'checkpoints' / loss.upper()}",
+            f"--training_loss_file_{loss}={out / 'logs' / f'training_loss_{loss}.csv'}", *extra]
+
+
+def paths(out, loss):
+    return {"checkpoints": out / "checkpoints" / loss.upper(), "csv": out / "logs" / f"training_loss_{loss}.csv",
+            "plot": out / "logs" / f"training_loss_{loss}.png",
+            "final": out / "checkpoints" / loss.upper() / f"Final_Model_AE_{loss.upper()}.pth"}
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return rows[0], [dict(zip(rows[0], row)) for row in rows[1:]]
+
+
+def assert_succeeded(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("training_tiles")
+    for index, name in enumerate(TILE_NAMES):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(tile_array(index, 80)).save(folder / name, quality=95)  # 80: resized to tile_size
+    return folder
+
+
+def two_epoch_run(loss, tiles, tmp_path_factory):
+    """A 2-epoch run of Training_<LOSS>.py in a fresh working folder: (loss, folder, CompletedProcess)."""
+    out = tmp_path_factory.mktemp(f"run_{loss}")
+    result = subprocess.run([sys.executable, str(REPO / f"Training_{loss.upper()}.py"), *settings(tiles, out, loss, 2)],
+                            cwd=out, env=script_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=300)
+    assert_succeeded(result)
+    return loss, out, result
+
+
+@pytest.fixture(scope="module")
+def mse_run(tiles, tmp_path_factory):
+    return two_epoch_run("mse", tiles, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ssim_run(tiles, tmp_path_factory):
+    return two_epoch_run("ssim", tiles, tmp_path_factory)
+
+
+@pytest.fixture(params=["mse", "ssim"])
+def trained(request):
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def test_prints_average_loss_per_epoch(trained):
+    loss, _, result = trained
+    assert "Epoch 1/2, Average Loss:" in result.stdout
+    assert "Epoch 2/2, Average Loss:" in result.stdout
+    assert "Resuming" not in result.stdout
+
+
+def test_loss_log_csv(trained):
+    loss, out, result = trained
+    header, rows = read_csv(paths(out, loss)["csv"])
+    assert header[:2] == ["Epoch", "Loss"]
+    assert [int(row["Epoch"]) for row in rows] == [1, 2]
+    for row in rows:
+        value = float(row["Loss"])
+        assert math.isfinite(value) and 0 < value < (1 if loss == "mse" else 2)
+        assert f"Epoch {row['Epoch']}/2, Average Loss: {row['Loss']}" in result.stdout
+
+
+def test_loss_curve_png_beside_csv(trained):
+    loss, out, _ = trained
+    with Image.open(paths(out, loss)["plot"]) as image:
+        image.verify()
+    with Image.open(paths(out, loss)["plot"]) as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_epoch_checkpoints(trained):
+    loss, out, _ = trained
+    _, rows = read_csv(paths(out, loss)["csv"])
+    reference_keys = list(AutoEncoder().state_dict())
+    for epoch in (1, 2):
+        state = torch.load(paths(out, loss)["checkpoints"] / f"Model_AE_epoch_{epoch:03d}.pth", weights_only=True)
+        assert CHECKPOINT_KEYS <= set(state)
+        assert state["epoch"] == epoch
+        assert list(state["model_state_dict"]) == reference_keys
+        assert state["optimizer_state_dict"]["state"], "optimizer moments are saved for resuming"
+        assert state["loss"] == pytest.approx(float(rows[epoch - 1]["Loss"]), abs=1e-6)
+    assert not (paths(out, loss)["checkpoints"] / "Model_AE_epoch_003.pth").exists()
+
+
+def test_final_model_loads_and_is_the_last_epoch(trained):
+    loss, out, _ = trained
+    final = torch.load(paths(out, loss)["final"], weights_only=True)
+    model = AutoEncoder()
+    model.load_state_dict(final, strict=True)
+    last = torch.load(paths(out, loss)["checkpoints"] / "Model_AE_epoch_002.pth", weights_only=True)
+    for key, value in last["model_state_dict"].items():
+        assert torch.equal(final[key], value), key
+    first = torch.load(paths(out, loss)["checkpoints"] / "Model_AE_epoch_001.pth", weights_only=True)
+    assert not torch.equal(first["model_state_dict"]["encoder.0.weight"], final["encoder.0.weight"])
+    with torch.no_grad():
+        output = model.eval()(torch.rand(1, 3, 64, 64))
+    assert output.shape == (1, 3, 64, 64) and 0 <= output.min() and output.max() <= 1
+
+
+def test_nothing_written_outside_the_given_paths(trained):
+    _, out, _ = trained
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "logs"]
+
+
+@pytest.fixture
+def resumable(mse_run, tmp_path):
+    """A copy of the finished 2-epoch MSE run (hard links: the engine replaces files, never rewrites them)."""
+    _, out, _ = mse_run
+    shutil.copytree(out, tmp_path / "run", copy_function=os.link)
+    return tmp_path / "run"
+
+
+def test_resume_continues_with_the_next_epoch(resumable, tiles, run_script):
+    result = run_script("Training_MSE.py", *settings(tiles, resumable, "mse", 3), cwd=resumable)
+    assert_succeeded(result)
+    assert "Resuming from" in result.stdout and "Model_AE_epoch_002.pth" in result.stdout
+    assert "Epoch 3/3, Average Loss:" in result.stdout
+    assert "Epoch 1/3" not in result.stdout and "Epoch 2/3" not in result.stdout
+    _, rows = read_csv(paths(resumable, "mse")["csv"])
+    assert [int(row["Epoch"]) for row in rows] == [1, 2, 3]
+    state = torch.load(paths(resumable, "mse")["checkpoints"] / "Model_AE_epoch_003.pth", weights_only=True)
+    assert state["epoch"] == 3 and state["loss"] == pytest.approx(float(rows[2]["Loss"]), abs=1e-6)
+
+    again = run_script("Training_MSE.py", *settings(tiles, resumable, "mse", 3), cwd=resumable)
+    assert_succeeded(again)
+    assert "Average Loss" not in again.stdout
+    assert [int(row["Epoch"]) for row in read_csv(paths(resumable, "mse")["csv"])[1]] == [1, 2, 3]
+
+
+def test_resume_false_starts_again_at_epoch_1(resumable, tiles, run_script):
+    result = run_script("Training_MSE.py", *settings(tiles, resumable, "mse", 1, "--resume=false"), cwd=resumable)
+    assert_succeeded(result)
+    assert "Resuming" not in result.stdout
+    assert "Epoch 1/1, Average Loss:" in result.stdout
+    _, rows = read_csv(paths(resumable, "mse")["csv"])
+    assert [int(row["Epoch"]) for row in rows] == [1]
+    assert torch.load(paths(resumable, "mse")["checkpoints"] / "Model_AE_epoch_001.pth",
+                      weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_train_crop_size_in_process(tiles, tmp_path, monkeypatch, augment):
+    shapes = []
+    mse = metrics.LOSSES["mse"]
+
+    def recording_loss(output, target):
+        shapes.append((tuple(output.shape), tuple(target.shape)))
+        return mse(output, target)
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", recording_loss)
+    cfg = load_config(settings(tiles, tmp_path, "mse", 1, "--train_crop_size=32", f"--augment={augment}"))
+    history = training_engine.train(cfg, "mse")
+    assert [int(row["Epoch"]) for row in history] == [1]
+    assert shapes and all(s == ((4, 3, 32, 32), (4, 3, 32, 32)) for s in shapes)
+    model = AutoEncoder()
+    model.load_state_dict(torch.load(paths(tmp_path, "mse")["final"], weights_only=True), strict=True)
+    assert float(history[0]["Loss"]) == pytest.approx(
+        torch.load(paths(tmp_path, "mse")["checkpoints"] / "Model_AE_epoch_001.pth", weights_only=True)["loss"],
+        abs=1e-6)
+
+
+def test_cosine_schedule_ends_at_one_percent():
+    cfg = load_config(["--lr_schedule=cosine", "--num_epochs=5", "--learning_rate=0.01"])
+    rates = [training_engine.learning_rate(cfg, epoch) for epoch in range(1, 6)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = load_config(["--num_epochs=5", "--learning_rate=0.01", "--lr_schedule=constant"])
+    assert {training_engine.learning_rate(constant, epoch) for epoch in range(1, 6)} == {0.01}
+
+
+def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
+    for name in ("Model_AE_epoch_002.pth", "Model_AE_epoch_010.pth", "Model_AE_epoch_009.pth", "Final_Model_AE_MSE.pth",
+                 "Model_AE_epoch_011.pth.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    assert training_engine.latest_checkpoint(str(tmp_path)) == (10, str(tmp_path / "Model_AE_epoch_010.pth"))
+    assert training_engine.latest_checkpoint(str(tmp_path / "none")) is None
