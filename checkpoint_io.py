@@ -50,6 +50,7 @@ def _sentence(text):
 
 def load(path):
     """torch.load(weights_only=True) with one-line errors for missing, damaged or unsafe files."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path!r} is a folder, not a .pth file: check the model path in Config.py")
     if not os.path.isfile(path):
@@ -65,6 +66,9 @@ def load(path):
         marker = "WeightsUnpickler error: "
         detail = _sentence(text[text.index(marker) + len(marker):].split(" was not an allowed")[0]
                            if marker in text else text)
+        if detail.startswith("Unsupported operand"):  # bytes that are no pickle opcode: a damaged file
+            raise UserError(f"checkpoint {path!r} is truncated or not a PyTorch checkpoint ({detail}): "
+                            "re-copy or re-train it")
         raise UserError(f"checkpoint {path!r} refused: it holds objects other than weights, which could run "
                         f"code when loaded ({detail}); only load checkpoints from sources you trust, "
                         "re-saved as plain state dicts")
@@ -94,6 +98,7 @@ def extract_state_dict(obj, path):
 
 def load_weights(model, path):
     """Load a checkpoint's weights into model, all or nothing. Returns the loaded object."""
+    path = os.fspath(path)
     obj = load(path)
     state = extract_state_dict(obj, path)
     expected = model.state_dict()

@@ -203,16 +203,42 @@ def validation_metrics(model, loader, device, ddp):
     return {"MSE": (sums[0] / sums[3]).item(), "PSNR": (sums[1] / sums[3]).item(), "SSIM": (sums[2] / sums[3]).item()}
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """A job scheduler's SIGTERM is handled like Ctrl-C: save an interrupt checkpoint, then stop."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class Interrupts:
+    """Ctrl-C and a job scheduler's SIGTERM both stop training with an interrupt checkpoint. Inside
+    deferred() (one optimisation step) the first signal waits for the step to finish, so the checkpoint
+    never holds a half-applied step (BatchNorm statistics of an aborted forward pass, augmentation drawn
+    for a batch never trained on) and the resumed run matches an uninterrupted one; a second signal stops
+    at once."""
+
+    def __init__(self):
+        self.deferring = self.pending = False
+
+    def _handle(self, signum, frame):
+        if self.deferring and not self.pending:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self):
+        signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, self._handle) for s in signals}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def train(cfg, loss_name):
@@ -302,7 +328,8 @@ def train(cfg, loss_name):
                 "aug_rng_state": aug_gen.get_state(), "images_seen": images_seen, "seconds": seconds}
 
     epoch = start_epoch
-    with sigterm_as_interrupt():
+    interrupts = Interrupts()
+    with interrupts.installed():
         for epoch in range(start_epoch, cfg.num_epochs + 1):
             aug_gen = torch.Generator().manual_seed((cfg.seed * 100003 + epoch) * 64 + ddp.rank + 1)
             total = torch.zeros((), dtype=torch.float64, device=device)
@@ -324,28 +351,59 @@ def train(cfg, loss_name):
             try:
                 for images, _, skipped in bar:
                     skips.add(skipped)
-                    images = images.to(device, non_blocking=True)
-                    batch = prepare_batch(images, cfg.train_crop_size, cfg.augment, aug_gen)
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        output = model(batch)
-                    loss = loss_fn(output, batch)
-                    # Every rank sees the same verdict, so none is left waiting in a collective.
-                    finite = ddp.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
-                    if finite.item() < ddp.world:
-                        raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; training "
-                                        f"stopped and the last good checkpoint in {ckpt_dir} is intact: "
-                                        "lower learning_rate and rerun")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    total += loss.detach().double() * len(images)
-                    seen += len(images)
-                    step += 1
-                    images_seen += len(images) * ddp.world
+                    with interrupts.deferred():
+                        images = images.to(device, non_blocking=True)
+                        batch = prepare_batch(images, cfg.train_crop_size, cfg.augment, aug_gen)
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            output = model(batch)
+                        loss = loss_fn(output, batch)
+                        # Every rank sees the same verdict, so none is left waiting in a collective.
+                        finite = ddp.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
+                        if finite.item() < ddp.world:
+                            raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
+                                            f"training stopped and the last good checkpoint in {ckpt_dir} is "
+                                            "intact: lower learning_rate and rerun")
+                        optimizer.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        scaler.step(optimizer)
+                        scaler.update()
+                        total += loss.detach().double() * len(images)
+                        seen += len(images)
+                        step += 1
+                        images_seen += len(images) * ddp.world
                     if step % 5 == 0 or step == bar.total:
                         bar.set_postfix(loss=f"{total.item() / seen:.5f}")
+                # Wrapping up the epoch is covered too: an interruption here resumes at its last step.
+                bar.close()
+                sums = ddp.sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
+                if sums[1] == 0:
+                    raise UserError(f"no readable images in {cfg.folder_path_train!r} ({skips.summary()}): "
+                                    "check the folder holds image tiles")
+                average = (sums[0] / sums[1]).item()
+                val = validation_metrics(raw_model, val_loader, device, ddp) if val_loader is not None else None
+                if not ddp.main:
+                    continue
+                val_note = (f", Validation MSE {val['MSE']:.6f} PSNR {val['PSNR']:.2f} dB SSIM {val['SSIM']:.4f}"
+                            if val else "")
+                print(f"Epoch {epoch}/{cfg.num_epochs}, Average Loss: {average:.6f}{val_note}", flush=True)
+                history.append({"Epoch": epoch, "Loss": f"{average:.6f}", "Learning_Rate": f"{lr:.4g}",
+                                "Images_Seen": images_seen, "Seconds": f"{seconds_before + time.time() - started:.1f}",
+                                **({f"Val_{k}": f"{v:.6f}" for k, v in val.items()} if val else {})})
+                if val:
+                    val_loss = val["MSE"] if loss_name == "mse" else 1 - val["SSIM"]
+                    if val_loss < best_val:
+                        checkpoint_io.save(raw_model.state_dict(), best_path)
+                        best_val = val_loss  # only once saved: an interrupted save is redone on resume
+                write_history(csv_path, history)
+                plot_history(plot_path, history, loss_name)
+                if epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs:
+                    state = snapshot(epoch, 0, 0.0, 0, aug_gen, 0.0)
+                    keep = ("epoch", "model_state_dict", "optimizer_state_dict", "scaler_state_dict", "best_val_loss")
+                    checkpoint_io.save({k: state[k] for k in keep} | {"loss": average},
+                                       os.path.join(ckpt_dir, f"Model_AE_epoch_{epoch:03d}.pth"))
+                    if os.path.exists(interrupt_path):
+                        os.remove(interrupt_path)
             except KeyboardInterrupt:
                 bar.close()
                 if ddp.main:
@@ -354,35 +412,6 @@ def train(cfg, loss_name):
                     print(f"\nInterrupted at epoch {epoch}, step {step}: saved {interrupt_path}; "
                           "run the same command again to resume.", file=sys.stderr)
                 raise
-            bar.close()
-            sums = ddp.sum(torch.stack([total, torch.tensor(float(seen), dtype=torch.float64, device=device)]))
-            if sums[1] == 0:
-                raise UserError(f"no readable images in {cfg.folder_path_train!r} ({skips.summary()}): "
-                                "check the folder holds image tiles")
-            average = (sums[0] / sums[1]).item()
-            val = validation_metrics(raw_model, val_loader, device, ddp) if val_loader is not None else None
-            if not ddp.main:
-                continue
-            val_note = (f", Validation MSE {val['MSE']:.6f} PSNR {val['PSNR']:.2f} dB SSIM {val['SSIM']:.4f}"
-                        if val else "")
-            print(f"Epoch {epoch}/{cfg.num_epochs}, Average Loss: {average:.6f}{val_note}", flush=True)
-            history.append({"Epoch": epoch, "Loss": f"{average:.6f}", "Learning_Rate": f"{lr:.4g}",
-                            "Images_Seen": images_seen, "Seconds": f"{seconds_before + time.time() - started:.1f}",
-                            **({f"Val_{k}": f"{v:.6f}" for k, v in val.items()} if val else {})})
-            if val:
-                val_loss = val["MSE"] if loss_name == "mse" else 1 - val["SSIM"]
-                if val_loss < best_val:
-                    best_val = val_loss
-                    checkpoint_io.save(raw_model.state_dict(), best_path)
-            write_history(csv_path, history)
-            plot_history(plot_path, history, loss_name)
-            if epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs:
-                state = snapshot(epoch, 0, 0.0, 0, aug_gen, 0.0)
-                checkpoint_io.save({k: state[k] for k in ("epoch", "model_state_dict", "optimizer_state_dict",
-                                                          "scaler_state_dict", "best_val_loss")} | {"loss": average},
-                                   os.path.join(ckpt_dir, f"Model_AE_epoch_{epoch:03d}.pth"))
-                if os.path.exists(interrupt_path):
-                    os.remove(interrupt_path)
     if ddp.main:
         checkpoint_io.save(raw_model.state_dict(), final_path)
         print(f"Saved {final_path}{' and ' + best_path if val_loader is not None else ''}; "

@@ -19,17 +19,20 @@ torch.set_num_threads(1)
 def script_env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    env.pop("AE_CPU_NOTICE_SHOWN", None)
+    env.pop("AE_CPU_NOTICE_SHOWN", None)  # set by in-process runs; a script should behave as when a user starts it
     return env
+
+
+def run_repo_script(script, *args, cwd, timeout=300):
+    """python <repo>/script --key=value ... in cwd, no stdin -> CompletedProcess (text, captured)."""
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=script_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
 def run_script():
     """run_script("Training_MSE.py", "--key=value", ..., cwd=folder) -> CompletedProcess (text, captured)."""
-    def run(script, *args, cwd, timeout=300):
-        return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=script_env(),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
-    return run
+    return run_repo_script
 
 
 def tile_array(seed, size):

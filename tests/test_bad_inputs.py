@@ -23,16 +23,31 @@ from conftest import REPO, script_env, tile_array
 
 TILE = 32
 LATIN1_NAME = os.fsdecode(b"latin1_caf\xe9.png")  # a name that is not UTF-8, as copied from an old system
+LATIN1_BAD = os.fsdecode(b"broken_caf\xe9.jpg")
+
+
+def in_workbook(path):
+    """How a path appears in the workbook: bytes that are not UTF-8 become U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def run(script, *args, cwd):
+    """Run a script as a user would. Output is decoded by hand: text mode would turn a progress bar's
+    carriage returns into line breaks, and a file name that is not UTF-8 into a decoding error."""
+    done = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=script_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
+    done.stdout, done.stderr = (os.fsdecode(stream) for stream in (done.stdout, done.stderr))
+    return done
 
 
 def error_line(result):
-    """The single line the user sees on stderr, after checking the run failed as a user error (exit 2)."""
-    # A progress bar redraws with carriage returns; a terminal shows only what follows the last one.
-    shown = [line.rsplit("\r", 1)[-1] for line in result.stderr.split("\n")]
-    shown = [line for line in shown if line.strip()]
+    """The one line on stderr, after checking the run failed as a user error (exit code 2)."""
     assert result.returncode == 2, result.stdout + result.stderr
-    assert len(shown) == 1 and shown[0].startswith("error: "), result.stderr
-    return shown[0]
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), repr(result.stderr)
+    # A cleared progress bar may precede it on the same line; a terminal shows what follows the last \r.
+    line = result.stderr.rstrip("\n").rsplit("\r", 1)[-1]
+    assert line.startswith("error: "), repr(result.stderr)
+    return line
 
 
 def eval_args(folder, model, out):
@@ -126,10 +141,11 @@ def build_hostile_folder(folder):
     (folder / "truncated.png").write_bytes(truncated(Image.fromarray(tile_array(60, 64)), "PNG"))
     (folder / "truncated.jpg").write_bytes(truncated(Image.fromarray(tile_array(61, 64)), "JPEG"))
     (folder / "text.jpg").write_text("not a picture")
+    (folder / LATIN1_BAD).write_text("not a picture")
     (folder / "notes.txt").write_text("ignored: not an image extension")
     os.symlink("..", folder / "sub1" / "loop")
     bad = {"zero.png": "empty file (0 bytes)", "truncated.png": "truncated", "truncated.jpg": "truncated",
-           "text.jpg": "not a readable image"}
+           "text.jpg": "not a readable image", LATIN1_BAD: "not a readable image"}
     return good, bad
 
 
@@ -156,21 +172,20 @@ def assert_one_warning_per_bad_file(stdout, bad):
         assert len(matching) == 1 and reason in matching[0], (path, warnings)
 
 
-def test_evaluation_of_a_hostile_folder(hostile, model_file, run_script):
+def test_evaluation_of_a_hostile_folder(hostile, model_file):
     root, name, good, bad = hostile
-    result = run_script("Evaluation_MSE.py", *eval_args(name, model_file, "out"), cwd=root)
+    result = run("Evaluation_MSE.py", *eval_args(name, model_file, "out"), cwd=root)
     assert result.returncode == 0, result.stderr
     assert_one_warning_per_bad_file(result.stdout, bad)
     assert not any("x.png:" in w for w in skip_warnings(result.stdout)), "a folder named x.png is searched"
 
     book = openpyxl.load_workbook(root / "out" / "metrics.xlsx")
     cells = [row[0] for row in book["Metrics"].iter_rows(min_row=2)]
-    shown = [path.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for path in good]
-    assert sorted(cell.value for cell in cells) == sorted(shown)  # each file once: the link loop added nothing
+    assert sorted(cell.value for cell in cells) == sorted(map(in_workbook, good))  # each file once: the link loop added nothing
     assert all(cell.data_type == "s" for cell in cells)
     skipped = {row[0].value: row[1].value for row in book["Skipped"].iter_rows(min_row=2)}
-    assert set(skipped) == set(bad)
-    assert all(reason in skipped[path] for path, reason in bad.items())
+    assert set(skipped) == set(map(in_workbook, bad))
+    assert all(reason in skipped[in_workbook(path)] for path, reason in bad.items())
     folder_cell = next(row[1] for row in book["Summary"].iter_rows() if row[0].value == "Image folder")
     assert folder_cell.value == name and folder_cell.data_type == "s"
 
@@ -181,9 +196,9 @@ def test_evaluation_of_a_hostile_folder(hostile, model_file, run_script):
                                      os.path.join("x.png", "inner_comparison.png")}
 
 
-def test_training_on_a_hostile_folder(hostile, run_script, tmp_path):
+def test_training_on_a_hostile_folder(hostile, tmp_path):
     root, name, good, bad = hostile
-    result = run_script("Training_MSE.py", *train_args(root / name, tmp_path, epochs=2), cwd=tmp_path)
+    result = run("Training_MSE.py", *train_args(root / name, tmp_path, epochs=2), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     bad_absolute = {os.path.join(root, path): reason for path, reason in bad.items()}
     assert_one_warning_per_bad_file(result.stdout, bad_absolute)  # once, although both epochs met them
@@ -232,12 +247,17 @@ def test_huge_images_are_resized_with_bounded_memory(tmp_path):
     huge.save(tmp_path / "huge.png", compress_level=1)
     del huge
     tile(0).save(tmp_path / "small.png")
+    # VmHWM is this process's peak RSS (ru_maxrss would include the forking test process's own peak);
+    # writing 5 to clear_refs resets it, so each image is measured on its own.
     code = (
-        "import json, resource, sys\n"
+        "import json, sys\n"
         "from Dataset import load_image\n"
-        "peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
-        "load_image(sys.argv[1], 32)\n"  # warm-up: first-use allocations are not the image's
-        "for path in sys.argv[2:]:\n"
+        "def peak():\n"
+        "    with open('/proc/self/status') as handle:\n"
+        "        return next(int(line.split()[1]) for line in handle if line.startswith('VmHWM')) / 1024\n"
+        "for path in sys.argv[1:]:\n"
+        "    with open('/proc/self/clear_refs', 'w') as handle:\n"
+        "        handle.write('5')\n"
         "    before = peak()\n"
         "    decoded = load_image(path, 32)\n"
         "    print(json.dumps([list(decoded.shape), decoded.float().mean(dim=(1, 2)).tolist(), peak() - before]))\n")
@@ -245,7 +265,8 @@ def test_huge_images_are_resized_with_bounded_memory(tmp_path):
                             env=dict(script_env(), PYTHONPATH=str(REPO)), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
-    (jpeg_shape, jpeg_mean, jpeg_mb), (png_shape, png_mean, png_mb) = map(json.loads, result.stdout.splitlines())
+    # The small image first: the first decode's one-off allocations are not the huge images'.
+    _, (jpeg_shape, jpeg_mean, jpeg_mb), (png_shape, png_mean, png_mb) = map(json.loads, result.stdout.splitlines())
     assert jpeg_shape == png_shape == [3, TILE, TILE]
     assert np.abs(np.array(jpeg_mean) - colour).max() <= 3 and np.abs(np.array(png_mean) - colour).max() <= 1
     assert jpeg_mb < 40, result.stdout
@@ -292,7 +313,7 @@ def test_workbook_never_turns_a_path_into_a_formula(tmp_path):
     assert all(c.data_type == "s" for c in skipped_cells)
 
 
-def test_every_file_bad_is_one_error_and_writes_nothing(tmp_path, model_file, run_script):
+def test_every_file_bad_is_one_error_and_writes_nothing(tmp_path, model_file):
     folder = tmp_path / "bad tiles"
     folder.mkdir()
     (folder / "zero.png").write_bytes(b"")
@@ -301,31 +322,31 @@ def test_every_file_bad_is_one_error_and_writes_nothing(tmp_path, model_file, ru
     (tmp_path / "out").mkdir()
     earlier = tmp_path / "out" / "metrics.xlsx"
     earlier.write_bytes(b"an earlier run's workbook")
-    result = run_script("Evaluation_MSE.py", *eval_args(folder, model_file, tmp_path / "out"), cwd=tmp_path)
+    result = run("Evaluation_MSE.py", *eval_args(folder, model_file, tmp_path / "out"), cwd=tmp_path)
     assert str(folder) in error_line(result)
     assert len(skip_warnings(result.stdout)) == 3
     assert earlier.read_bytes() == b"an earlier run's workbook"
     assert not list((tmp_path / "out").rglob("*.png")) and not list((tmp_path / "out").rglob("*.tmp"))
 
 
-def test_training_on_only_bad_files_is_one_error(tmp_path, run_script):
+def test_training_on_only_bad_files_is_one_error(tmp_path):
     folder = tmp_path / "bad tiles"
     folder.mkdir()
     (folder / "zero.png").write_bytes(b"")
     (folder / "text.jpg").write_text("not a picture")
-    result = run_script("Training_MSE.py", *train_args(folder, tmp_path), cwd=tmp_path)
+    result = run("Training_MSE.py", *train_args(folder, tmp_path), cwd=tmp_path)
     assert str(folder) in error_line(result)
     assert not list((tmp_path / "ckpt").glob("*.pth"))
 
 
 @pytest.mark.parametrize("script", ["Evaluation_MSE.py", "Training_MSE.py"])
 @pytest.mark.parametrize("problem", ["missing", "file"])
-def test_input_folder_missing_or_a_file(tmp_path, model_file, run_script, script, problem):
+def test_input_folder_missing_or_a_file(tmp_path, model_file, script, problem):
     folder = tmp_path / "tiles"
     if problem == "file":
         folder.write_bytes(b"")
     args = eval_args(folder, model_file, tmp_path) if script.startswith("Eval") else train_args(folder, tmp_path)
-    line = error_line(run_script(script, *args, cwd=tmp_path))
+    line = error_line(run(script, *args, cwd=tmp_path))
     assert str(folder) in line
     assert ("does not exist" if problem == "missing" else "is a file, not a folder") in line
 
@@ -336,22 +357,22 @@ def test_input_folder_missing_or_a_file(tmp_path, model_file, run_script, script
     ("Training_MSE.py", "model_saved_location_mse", "ckpt"),
     ("Training_MSE.py", "training_loss_file_mse", "loss.csv"),
 ])
-def test_unwritable_output_fails_before_any_work(tmp_path, run_script, script, setting, leaf):
+def test_unwritable_output_fails_before_any_work(tmp_path, script, setting, leaf):
     # Tests run as root, so permissions cannot block a folder; a file where a folder must be always does.
     blocker = tmp_path / "a file"
     blocker.write_text("")
     # Input and model do not exist either: an error about them would mean work started before the check.
     args = [f"--{setting}={blocker / leaf}", "--folder_path_test=absent", "--folder_path_train=absent",
             "--model_path_mse=absent.pth", f"--tile_size={TILE}", "--num_workers=0", "--GPUs=cpu"]
-    result = run_script(script, *args, cwd=tmp_path)
+    result = run(script, *args, cwd=tmp_path)
     line = error_line(result)
     assert "cannot write to output folder" in line and f"{blocker} is a file" in line
     assert result.stdout == ""
 
 
-def test_workbook_path_that_is_a_folder_fails_before_any_work(tmp_path, run_script):
+def test_workbook_path_that_is_a_folder_fails_before_any_work(tmp_path):
     (tmp_path / "metrics.xlsx").mkdir()
-    result = run_script("Evaluation_MSE.py", f"--reconstruction_metrics_mse={tmp_path / 'metrics.xlsx'}",
+    result = run("Evaluation_MSE.py", f"--reconstruction_metrics_mse={tmp_path / 'metrics.xlsx'}",
                         "--folder_path_test=absent", "--model_path_mse=absent.pth", "--GPUs=cpu", cwd=tmp_path)
     assert f"{tmp_path / 'metrics.xlsx'}" in error_line(result) and result.stdout == ""
 

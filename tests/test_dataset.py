@@ -53,14 +53,13 @@ def test_extensions_are_case_insensitive(tmp_path, make_tiles):
     assert sorted(relative(find_images(str(tmp_path)), tmp_path)) == sorted(names)
 
 
-@pytest.mark.parametrize("make_empty", [
-    lambda folder: None,
-    lambda folder: (folder / "sub").mkdir() or (folder / "sub" / "readme.txt").write_text("x"),
-])
-def test_folder_without_images_is_user_error(tmp_path, make_empty):
+@pytest.mark.parametrize("contents", [[], ["sub/readme.txt", "sub/deeper/tile.png.txt"]], ids=["empty", "no_images"])
+def test_folder_without_images_is_user_error(tmp_path, contents):
     folder = tmp_path / "empty_tiles"
     folder.mkdir()
-    make_empty(folder)
+    for name in contents:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text("not an image")
     with pytest.raises(UserError) as info:
         find_images(str(folder))
     message = str(info.value)
@@ -192,6 +191,17 @@ def test_resized_to_tile_size(tmp_path, width, height):
     Image.fromarray(image).save(tmp_path / "tile.png")
     rgb = decoded(tmp_path / "tile.png", 32)
     assert np.abs(rgb - [30, 120, 210]).max() <= 1
+
+
+def test_non_square_is_centre_cropped(tmp_path):
+    bands = np.zeros((32, 96, 3), dtype=np.uint8)
+    bands[:, :32] = [255, 0, 0]
+    bands[:, 32:64] = [0, 255, 0]
+    bands[:, 64:] = [0, 0, 255]
+    Image.fromarray(bands).save(tmp_path / "wide.png")
+    Image.fromarray(bands.transpose(1, 0, 2)).save(tmp_path / "tall.png")
+    for name in ("wide.png", "tall.png"):
+        assert (decoded(tmp_path / name, 32) == [0, 255, 0]).all()
 
 
 def test_resize_keeps_the_picture(tmp_path):

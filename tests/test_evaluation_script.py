@@ -37,10 +37,13 @@ def agrees(value, reference, name):
 
 
 def model_output(model_path, image_paths, tile_size):
-    """uint8 originals and the model's float reconstructions, computed here independently of the script."""
+    """uint8 originals, float originals and the model's float reconstructions, computed here without the
+    evaluation loop: the tiles as Dataset decodes them, straight through the loaded network."""
     images = torch.stack([load_image(str(p), tile_size) for p in image_paths])
     model = evaluation_engine.load_model(str(model_path), torch.device("cpu"))
-    originals, reconstructions, _ = evaluation_engine.reconstruct(model, images, torch.device("cpu"))
+    originals = images.float() / 255
+    with torch.no_grad():
+        reconstructions = model(originals).clamp(0, 1)
     return images, originals, reconstructions
 
 
@@ -169,29 +172,33 @@ def test_batch_size_is_honoured(workdir, model_path, monkeypatch):
             assert row3[name] == pytest.approx(row32[name], abs=1e-5)
 
 
-def layouts(state):
-    """Checkpoint layouts users bring: (name, object saved, state dict the model must end up with)."""
+LAYOUTS = ["bare", "training", "data_parallel", "ddp_in_training_dict", "compiled", "state_dict_key",
+           "float16", "float16_module"]
+
+
+def layout(name, state):
+    """A checkpoint layout users bring: (object to save, state dict the model must end up with)."""
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    as_loaded_from_half = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
-    return [
-        ("bare", state, state),
-        ("training", {"epoch": 3, "model_state_dict": state, "optimizer_state_dict": {"state": {}, "param_groups": []},
-                      "loss": 0.1}, state),
-        ("data_parallel", {f"module.{k}": v for k, v in state.items()}, state),
-        ("ddp_in_training_dict", {"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in state.items()}},
-         state),
-        ("compiled", {f"_orig_mod.{k}": v for k, v in state.items()}, state),
-        ("state_dict_key", {"state_dict": state}, state),
-        ("float16", half, as_loaded_from_half),
-        ("float16_module", {f"module.{k}": v for k, v in half.items()}, as_loaded_from_half),
-    ]
+    from_half = {k: v.float() if v.is_floating_point() else v for k, v in half.items()}
+    return {
+        "bare": (state, state),
+        "training": ({"epoch": 3, "model_state_dict": state, "loss": 0.1,
+                      "optimizer_state_dict": {"state": {}, "param_groups": []}}, state),
+        "data_parallel": ({f"module.{k}": v for k, v in state.items()}, state),
+        "ddp_in_training_dict": ({"epoch": 1, "model_state_dict": {f"module.{k}": v for k, v in state.items()}},
+                                 state),
+        "compiled": ({f"_orig_mod.{k}": v for k, v in state.items()}, state),
+        "state_dict_key": ({"state_dict": state}, state),
+        "float16": (half, from_half),
+        "float16_module": ({f"module.{k}": v for k, v in half.items()}, from_half),
+    }[name]
 
 
-@pytest.mark.parametrize("layout", [name for name, _, _ in layouts(AutoEncoder().state_dict())])
-def test_checkpoint_layouts_load(tmp_path, model_path, layout):
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_checkpoint_layouts_load(tmp_path, model_path, name):
     state = torch.load(model_path, weights_only=True)
-    saved, expected = next((obj, exp) for name, obj, exp in layouts(state) if name == layout)
-    path = tmp_path / f"{layout}.pth"
+    saved, expected = layout(name, state)
+    path = tmp_path / f"{name}.pth"
     torch.save(saved, path)
     model = evaluation_engine.load_model(str(path), torch.device("cpu"))
     loaded = model.state_dict()
@@ -203,7 +210,7 @@ def test_checkpoint_layouts_load(tmp_path, model_path, layout):
     x = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = evaluation_engine.load_model(str(model_path), torch.device("cpu"))(x)
-        assert torch.allclose(model(x), reference, atol=1e-2 if "float16" in layout else 1e-6)
+        assert torch.allclose(model(x), reference, atol=1e-2 if "float16" in name else 1e-6)
 
 
 def test_checkpoint_with_extra_keys_is_refused(tmp_path, model_path):

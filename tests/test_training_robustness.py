@@ -1,0 +1,384 @@
+"""Training never loses work: exact resume, kill -9, Ctrl-C / SIGTERM, a non-finite loss, the validation split."""
+import csv
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import metrics
+import training_engine
+from Auto_encoder import AutoEncoder
+from Dataset import ImageFolder
+from cli import UserError, load_config
+from conftest import REPO, script_env, tile_array
+
+LONG_EPOCH_STEPS = 10  # long_tiles / batch 2: long enough to land a signal in the middle of an epoch
+
+
+def make_folder(folder, count, size):
+    folder.mkdir(parents=True)
+    for index in range(count):
+        Image.fromarray(tile_array(index, size)).save(folder / f"tile_{index:02d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_tiles(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("small") / "tiles", 10, 64)
+
+
+@pytest.fixture(scope="module")
+def long_tiles(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("long") / "tiles", 2 * LONG_EPOCH_STEPS, 32)
+
+
+def settings(tiles, out, epochs, *extra):
+    """Command-line settings of a small CPU run writing under out; later arguments override earlier ones."""
+    return [f"--folder_path_train={tiles}", "--tile_size=32", "--batch_size_train=4", f"--num_epochs={epochs}",
+            "--save_interval=100", "--num_workers=0", "--GPUs=cpu", "--augment=false", "--val_fraction=0",
+            f"--model_saved_location_mse={out / 'checkpoints'}", f"--training_loss_file_mse={out / 'loss.csv'}",
+            *extra]
+
+
+def long_settings(tiles, out, epochs, *extra):
+    return settings(tiles, out, epochs, "--batch_size_train=2", *extra)
+
+
+def train(tiles, out, epochs, *extra):
+    return training_engine.train(load_config(settings(tiles, out, epochs, *extra)), "mse")
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def without_seconds(rows):
+    return [{key: value for key, value in row.items() if key != "Seconds"} for row in rows]
+
+
+def epochs_of(rows):
+    return [int(row["Epoch"]) for row in rows]
+
+
+def weights(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state["model_state_dict"] if "model_state_dict" in state else state
+
+
+def assert_same_weights(a, b):
+    assert list(a) == list(b)
+    differing = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not differing, f"{len(differing)} tensors differ, first {differing[0]}"
+
+
+def final(out):
+    return weights(out / "checkpoints" / "Final_Model_AE_MSE.pth")
+
+
+def file_bytes(folder):
+    """Every file under folder (temporary ones included) and its bytes."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def run_training(args, cwd):
+    return subprocess.run([sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+
+
+def start_training(args, cwd, log):
+    """Training_MSE.py in the background, stdout and stderr into log; SIGINT restored to its default so
+    Python turns it into KeyboardInterrupt even when the test runner was started with SIGINT ignored."""
+    handle = open(log, "w")
+    try:
+        return subprocess.Popen([sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
+                                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        handle.close()
+
+
+def wait_until(condition, process, what, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training ended (exit code {process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def assert_succeeded(result):
+    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(long_tiles, tmp_path_factory):
+    """A 4-epoch run on long_tiles that nothing stopped: (folder, CSV rows)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    training_engine.train(load_config(long_settings(long_tiles, out, 4, "--save_interval=1")), "mse")
+    return out, read_rows(out / "loss.csv")
+
+
+@pytest.mark.parametrize("extra", [[], ["--augment=true", "--tile_size=64", "--train_crop_size=32",
+                                         "--val_fraction=0.25"]], ids=["plain", "augment-crop-validation"])
+def test_resume_is_exact(small_tiles, tmp_path, capsys, extra):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(small_tiles, straight, 4, "--save_interval=2", *extra)
+    assert epochs_of(train(small_tiles, split, 2, "--save_interval=2", *extra)) == [1, 2]
+    capsys.readouterr()
+    train(small_tiles, split, 4, "--save_interval=2", *extra)
+    out = capsys.readouterr().out
+    assert "Resuming from" in out and "Model_AE_epoch_002.pth (epoch 2)" in out
+    assert "Epoch 1/4" not in out and "Epoch 2/4" not in out
+
+    assert_same_weights(final(straight), final(split))
+    straight_rows, split_rows = read_rows(straight / "loss.csv"), read_rows(split / "loss.csv")
+    assert epochs_of(split_rows) == [1, 2, 3, 4]
+    assert without_seconds(split_rows) == without_seconds(straight_rows)
+    for name in ("Model_AE_epoch_002.pth", "Model_AE_epoch_004.pth"):
+        a, b = (torch.load(out / "checkpoints" / name, weights_only=True) for out in (straight, split))
+        assert_same_weights(a["model_state_dict"], b["model_state_dict"])
+        assert a["optimizer_state_dict"]["state"][0]["step"] == b["optimizer_state_dict"]["state"][0]["step"]
+    if "--val_fraction=0.25" in extra:
+        assert all(row["Val_MSE"] for row in split_rows)
+        assert_same_weights(weights(straight / "checkpoints" / "Best_Model_AE_MSE.pth"),
+                            weights(split / "checkpoints" / "Best_Model_AE_MSE.pth"))
+
+
+def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path):
+    reference, reference_rows = uninterrupted
+    args = long_settings(long_tiles, tmp_path, 4, "--save_interval=1")
+    checkpoints = tmp_path / "checkpoints"
+    process = start_training(args, tmp_path, tmp_path / "killed.log")
+    wait_until(lambda: (checkpoints / "Model_AE_epoch_002.pth").exists(), process, "Model_AE_epoch_002.pth")
+    process.kill()
+    assert process.wait(timeout=60) == -signal.SIGKILL
+
+    latest_epoch, latest_path = training_engine.latest_checkpoint(str(checkpoints))
+    assert 2 <= latest_epoch < 4
+    assert torch.load(latest_path, weights_only=True)["epoch"] == latest_epoch
+    # The loss log is written just before each checkpoint, so it may be one epoch ahead of it.
+    assert epochs_of(read_rows(tmp_path / "loss.csv")) in ([*range(1, latest_epoch + 1)],
+                                                            [*range(1, latest_epoch + 2)])
+    assert not (checkpoints / "Final_Model_AE_MSE.pth").exists()
+
+    result = run_training(args, tmp_path)
+    assert_succeeded(result)
+    assert f"Resuming from {latest_path} (epoch {latest_epoch})" in result.stdout
+    rows = read_rows(tmp_path / "loss.csv")
+    assert epochs_of(rows) == [1, 2, 3, 4]
+    assert without_seconds(rows) == without_seconds(reference_rows)
+    assert_same_weights(final(tmp_path), final(reference))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_path, sig):
+    reference, reference_rows = uninterrupted
+    args = long_settings(long_tiles, tmp_path, 2)  # save_interval 100: only the interrupt checkpoint saves work
+    checkpoints, log = tmp_path / "checkpoints", tmp_path / "interrupted.log"
+    process = start_training(args, tmp_path, log)
+    mid_epoch_2 = re.compile(rf"Epoch 2/2:[^\r\n|]*\|[^\r\n|]*\| *[1-9]\d*/{LONG_EPOCH_STEPS}\b")
+    wait_until(lambda: mid_epoch_2.search(log.read_text(errors="replace")), process, "a step of epoch 2")
+    process.send_signal(sig)
+    assert process.wait(timeout=120) == 130, log.read_text(errors="replace")
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output
+
+    state = torch.load(checkpoints / training_engine.INTERRUPT_NAME, weights_only=True)
+    assert {"epoch", "step", "model_state_dict", "optimizer_state_dict"} <= set(state)
+    assert state["epoch"] == 2 and 0 < state["step"] < LONG_EPOCH_STEPS
+    assert f"Interrupted at epoch 2, step {state['step']}" in output
+    assert training_engine.latest_checkpoint(str(checkpoints)) is None
+    assert epochs_of(read_rows(tmp_path / "loss.csv")) == [1]
+
+    result = run_training(args, tmp_path)
+    assert_succeeded(result)
+    assert f"(epoch 2, after step {state['step']})" in result.stdout
+    assert "Epoch 1/2" not in result.stdout
+    rows = read_rows(tmp_path / "loss.csv")
+    assert without_seconds(rows) == without_seconds(reference_rows[:2])
+    assert_same_weights(final(tmp_path), weights(reference / "checkpoints" / "Model_AE_epoch_002.pth"))
+    assert not (checkpoints / training_engine.INTERRUPT_NAME).exists()
+
+
+def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path, monkeypatch):
+    """The forward pass has already moved BatchNorm statistics when the signal lands: stopping there would
+    checkpoint half a step, and the resumed run would differ from an uninterrupted one."""
+    train(small_tiles, tmp_path / "reference", 2)
+    real, calls = metrics.LOSSES["mse"], []
+
+    def signalled_at_third_step(output, target):
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real(output, target)
+
+    def unhandled(signum, frame):
+        pytest.fail("training did not handle SIGTERM")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)  # never let the test runner itself be terminated
+    try:
+        with monkeypatch.context() as patch:
+            patch.setitem(metrics.LOSSES, "mse", signalled_at_third_step)
+            with pytest.raises(KeyboardInterrupt):
+                train(small_tiles, tmp_path / "run", 2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    state = torch.load(tmp_path / "run" / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
+    assert (state["epoch"], state["step"]) == (2, 1)
+
+    train(small_tiles, tmp_path / "run", 2)
+    rows = read_rows(tmp_path / "run" / "loss.csv")
+    assert without_seconds(rows) == without_seconds(read_rows(tmp_path / "reference" / "loss.csv"))
+    assert_same_weights(final(tmp_path / "run"), final(tmp_path / "reference"))
+
+
+@pytest.mark.parametrize("where", ["validation", "plot"])
+def test_interrupt_after_the_last_step_of_an_epoch_keeps_the_epoch(small_tiles, tmp_path, monkeypatch, where):
+    """Ctrl-C while an epoch is being wrapped up (validation, loss curve) must not lose that epoch either."""
+    extra = ("--val_fraction=0.25", "--save_interval=100")
+    train(small_tiles, tmp_path / "reference", 3, *extra)
+    name = "validation_metrics" if where == "validation" else "plot_history"
+    real = getattr(training_engine, name)
+    calls = []
+
+    def interrupted_at_epoch_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training_engine, name, interrupted_at_epoch_2)
+        with pytest.raises(KeyboardInterrupt):
+            train(small_tiles, tmp_path / "run", 3, *extra)
+    state = torch.load(tmp_path / "run" / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
+    assert state["epoch"] == 2
+
+    train(small_tiles, tmp_path / "run", 3, *extra)
+    rows = read_rows(tmp_path / "run" / "loss.csv")
+    assert without_seconds(rows) == without_seconds(read_rows(tmp_path / "reference" / "loss.csv"))
+    assert_same_weights(final(tmp_path / "run"), final(tmp_path / "reference"))
+    assert_same_weights(weights(tmp_path / "run" / "checkpoints" / "Best_Model_AE_MSE.pth"),
+                        weights(tmp_path / "reference" / "checkpoints" / "Best_Model_AE_MSE.pth"))
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoints(small_tiles, tmp_path, monkeypatch):
+    train(small_tiles, tmp_path, 1, "--save_interval=1")
+    checkpoints = tmp_path / "checkpoints"
+    before = file_bytes(checkpoints)
+    real, calls = metrics.LOSSES["mse"], []
+
+    def nan_at_third_step(output, target):
+        calls.append(1)
+        loss = real(output, target)
+        return loss * math.nan if len(calls) == 3 else loss
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_third_step)
+    assert training_engine.LOSSES["mse"] is nan_at_third_step
+    # 8 training tiles, batch 4: epoch 2 is steps 1-2 of this run, so the third is epoch 3, step 1.
+    with pytest.raises(UserError, match=r"loss became nan at epoch 3, step 1\b"):
+        train(small_tiles, tmp_path, 3, "--save_interval=1")
+
+    after = file_bytes(checkpoints)
+    assert sorted(after) == sorted([*before, "Model_AE_epoch_002.pth"])
+    assert all(after[name] == data for name, data in before.items())
+    epoch_2 = torch.load(checkpoints / "Model_AE_epoch_002.pth", weights_only=True)
+    assert all(torch.isfinite(value).all() for value in epoch_2["model_state_dict"].values())
+    assert epochs_of(read_rows(tmp_path / "loss.csv")) == [1, 2]
+
+
+def test_non_finite_loss_exits_2_with_one_error_line(small_tiles, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    model = AutoEncoder()
+    with torch.no_grad():
+        model.decoder[-2].bias.fill_(math.nan)  # a diverged model: every reconstruction is NaN
+    torch.save({"epoch": 1, "model_state_dict": model.state_dict(),
+                "optimizer_state_dict": torch.optim.Adam(model.parameters()).state_dict()},
+               checkpoints / "Model_AE_epoch_001.pth")
+    before = file_bytes(checkpoints)
+
+    result = run_training(settings(small_tiles, tmp_path, 3, "--save_interval=1"), tmp_path)
+    assert result.returncode == 2, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "loss became nan at epoch 2, step 1" in errors[0], result.stderr
+    assert file_bytes(checkpoints) == before
+
+
+def test_validation_split_metrics_and_best_model(small_tiles, tmp_path, monkeypatch):
+    real, targets = metrics.LOSSES["mse"], []
+
+    def recording_loss(output, target):
+        targets.extend(target.detach().clone())
+        return real(output, target)
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", recording_loss)
+    train(small_tiles, tmp_path, 3, "--val_fraction=0.25", "--save_interval=1")
+    rows = read_rows(tmp_path / "loss.csv")
+    assert epochs_of(rows) == [1, 2, 3]
+
+    dataset = ImageFolder(str(small_tiles), 32)
+    train_idx, val_idx = training_engine.split_indices(len(dataset), 0.25, 0)
+    tiles = [dataset[i]["image"].float().div(255.0) for i in range(len(dataset))]
+    used = set()
+    for target in targets:  # augment=false, no crop: each training target is a whole tile
+        matches = [i for i, tile in enumerate(tiles) if torch.equal(target, tile)]
+        assert len(matches) == 1
+        used.add(matches[0])
+    assert used == set(train_idx)
+
+    originals = torch.stack([tiles[i] for i in val_idx])
+    model = AutoEncoder().eval()
+    for row in rows:
+        assert 0 < float(row["Val_MSE"]) < 1 and 0 < float(row["Val_PSNR"]) < 100
+        assert -1 <= float(row["Val_SSIM"]) <= 1
+        model.load_state_dict(weights(tmp_path / "checkpoints" / f"Model_AE_epoch_{int(row['Epoch']):03d}.pth"))
+        with torch.no_grad():
+            values = metrics.per_image(model(originals).clamp(0, 1), originals)
+        assert float(row["Val_MSE"]) == pytest.approx(values["MSE"].mean().item(), abs=2e-6)
+        assert float(row["Val_PSNR"]) == pytest.approx(values["PSNR"].mean().item(), abs=1e-4)
+        assert float(row["Val_SSIM"]) == pytest.approx(values["SSIM"].mean().item(), abs=2e-6)
+
+    val_mse = [float(row["Val_MSE"]) for row in rows]
+    best_epoch = val_mse.index(min(val_mse)) + 1
+    best = weights(tmp_path / "checkpoints" / "Best_Model_AE_MSE.pth")
+    AutoEncoder().load_state_dict(best, strict=True)
+    for epoch in (1, 2, 3):
+        epoch_weights = weights(tmp_path / "checkpoints" / f"Model_AE_epoch_{epoch:03d}.pth")
+        same = all(torch.equal(best[key], epoch_weights[key]) for key in best)
+        assert same == (epoch == best_epoch), f"Best_Model_AE_MSE.pth vs epoch {epoch}, best epoch {best_epoch}"
+
+
+def test_no_validation_leaves_columns_empty_and_no_best_model(small_tiles, tmp_path, capsys):
+    train(small_tiles, tmp_path, 1)
+    with open(tmp_path / "loss.csv", newline="") as handle:
+        header = next(csv.reader(handle))
+    assert {"Val_MSE", "Val_PSNR", "Val_SSIM"} <= set(header)
+    rows = read_rows(tmp_path / "loss.csv")
+    assert epochs_of(rows) == [1]
+    assert all(row[key] == "" for row in rows for key in ("Val_MSE", "Val_PSNR", "Val_SSIM"))
+    assert not (tmp_path / "checkpoints" / "Best_Model_AE_MSE.pth").exists()
+    out = capsys.readouterr().out
+    assert "Best_Model" not in out and "Validation" not in out and "(0 more for validation)" in out
+
+
+def test_split_indices_deterministic_and_disjoint():
+    train_idx, val_idx = training_engine.split_indices(100, 0.2, seed=3)
+    assert (train_idx, val_idx) == training_engine.split_indices(100, 0.2, seed=3)
+    assert len(val_idx) == 20 and not set(train_idx) & set(val_idx)
+    assert sorted(train_idx + val_idx) == list(range(100))
+    assert training_engine.split_indices(100, 0.2, seed=4)[1] != val_idx
+    assert training_engine.split_indices(100, 0, seed=3) == (list(range(100)), [])
+    assert len(training_engine.split_indices(10, 0.01, seed=0)[1]) == 1, "any positive fraction holds out a tile"
