@@ -34,6 +34,7 @@ def find_images(folder):
             dirs[:] = []
             continue
         seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirs.sort()  # which of two links to one folder is kept must not depend on directory order
         found.extend(os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
     found.sort(key=lambda path: os.path.relpath(path, folder).split(os.sep))
     if not found:

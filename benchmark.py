@@ -118,7 +118,7 @@ def reference_evaluate(model_path, paths, out_dir, tile_size, device):
         values = {name: metrics[name].item() for name in METRIC_NAMES}
         figure, axes = plt.subplots(1, 2, figsize=(10, 5))
         for ax, image, title in zip(axes, (x, recon), ("Original", "Reconstruction")):
-            ax.imshow(image[0].permute(1, 2, 0).float().cpu().numpy())
+            ax.imshow(image[0].permute(1, 2, 0).cpu().numpy())
             ax.set_title(title)
             ax.axis("off")
         figure.suptitle(f"MSE: {values['MSE']:.5f}, PSNR: {values['PSNR']:.2f} dB, SSIM: {values['SSIM']:.4f}")
@@ -155,7 +155,7 @@ def our_train_step(model, optimizer, scaler, paths, tile_size, device, generator
 
 
 def decoded(paths, tile_size, device):
-    """The tiles as float [0, 1] channels_last batches on the device: what the model itself is fed."""
+    """The tiles as one float [0, 1] channels_last tensor on the device: what the model itself is fed."""
     tiles = torch.stack([load_image(path, tile_size) for path in paths])
     return tiles.to(device).float().div_(255.0).contiguous(memory_format=torch.channels_last)
 
@@ -185,6 +185,7 @@ def throughput(work, items, device, min_calls=1, min_seconds=0.0, warmups=1):
 
 
 def seconds_of(work, device):
+    """Seconds of one call of work(), after one untimed call."""
     work()
     sync(device)
     start = time.perf_counter()
@@ -246,7 +247,7 @@ def machine_lines(threads):
         with open("/proc/cpuinfo") as handle:
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return [f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch threads {threads}",
+    return [f"- CPU: {cpu}, {len(os.sched_getaffinity(0))} logical cores available, torch threads {threads}",
             f"- GPU: {gpu}",
             f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}",
             f"- Command: `{' '.join(shlex.quote(arg) for arg in [os.path.basename(sys.executable), *sys.argv])}`"]
@@ -254,7 +255,7 @@ def machine_lines(threads):
 
 def load_note():
     """Other processes on the CPU skew every number; the load average says whether they were there."""
-    return "load average (1 min) {:.2f}".format(os.getloadavg()[0])
+    return f"load average (1 min) {os.getloadavg()[0]:.2f}"
 
 
 def write_report(path, title, sections):
@@ -309,8 +310,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     generator = torch.Generator().manual_seed(plan.seed)
-    our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device,
-                                                      generator),
+    our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device, generator),
                            plan.batch, device, min_calls=steps, warmups=warmups)
     del model, optimizer
 
@@ -405,8 +405,10 @@ def fixed_costs(model, tiles, paths, plan, model_path, out, device, our_eval, ou
 
 
 def speed(args):
-    plan = types.SimpleNamespace(tile=64, batch=4, steps=1, count=4, min_seconds=0.0) if args.quick else \
-        types.SimpleNamespace(tile=TILE, batch=BATCH, steps=3, count=None, min_seconds=2.0)
+    if args.quick:
+        plan = types.SimpleNamespace(tile=64, batch=4, steps=1, count=4, min_seconds=0.0)
+    else:  # a 256-pixel batch-16 training step takes seconds on a CPU: 3 timed steps keep the run short
+        plan = types.SimpleNamespace(tile=TILE, batch=BATCH, steps=3, count=None, min_seconds=2.0)
     plan.seed = args.seed
     started = time.perf_counter()
     load_before = load_note()
@@ -431,7 +433,7 @@ def speed(args):
             rows += device_rows(device, plan, paths, model_path, work_dir, notes)
     wall = time.perf_counter() - started
     notes = [f"- Wall time of this run: {wall:.0f} s; {load_before} at the start, {load_note()} at the end.",
-             "- Model: a fresh AutoEncoder (seed {}); weights do not change speed.".format(args.seed),
+             f"- Model: a fresh AutoEncoder (seed {args.seed}); weights do not change speed.",
              "- Reference: torchvision's per-image PIL chain, fp32 NCHW, normalised input and target, "
              "one process; evaluation one tile at a time with a matplotlib figure per tile at 150 dpi, "
              "then a pandas/openpyxl sheet (checkpoint load included).",
@@ -441,7 +443,7 @@ def speed(args):
              "end to end (model load, decode, forward, metrics, PNGs, workbook / CSV, .npy, PCA plot), timed "
              "with num_workers 0 and 2; the faster is reported.",
              "- 3b and 4 put the forward-only / encoder-only rate (model forward on the decoded tiles, "
-             "batches of {}, no I/O) in the reference column.".format(plan.batch),
+             f"batches of {plan.batch}, no I/O) in the reference column.",
              *notes]
     table = markdown_table(HEADER, rows)
     write_report(args.output or "benchmark_results.md", "Benchmark: speed against the reference",
@@ -509,14 +511,8 @@ def quality(args):
         our_train_step(ours, optimizer, scaler, paths, TILE, device, generator, args.crop, args.augment)
     our_seconds = time.perf_counter() - start
 
-    reference.eval()
-    ours.eval()
-    transform = reference_eval_transform(TILE)
-    means = {"reference": mean_metrics(reference_reconstruct(reference, path, transform, device)[2]
-                                       for path in test_paths),
-             "ours": mean_metrics(evaluation_engine.reconstruct(ours, torch.stack([load_image(p, TILE) for p in chunk]),
-                                                                device)[2]
-                                  for chunk in (test_paths[i:i + BATCH] for i in range(0, len(test_paths), BATCH)))}
+    means = {"reference": reference_scores(reference.eval(), test_paths, device),
+             "ours": our_scores(ours.eval(), test_paths, device)}
     gain = means["ours"]["PSNR"] - means["reference"]["PSNR"]
     table = markdown_table(
         ["recipe", "training images", "training s", "PSNR (dB)", "SSIM (windowed)", "MSE"],
@@ -531,6 +527,18 @@ def quality(args):
     write_report(args.output or "benchmark_quality.md", "Benchmark: reconstruction quality against the reference",
                  ["\n".join(machine_lines(torch.get_num_threads())), "\n".join(recipes), table, verdict,
                   f"Wall time {wall:.0f} s; {load_note()} at the end."])
+
+
+def reference_scores(model, paths, device):
+    """As the reference evaluates: un-normalised tiles one at a time, Sigmoid output against the tile."""
+    transform = reference_eval_transform(TILE)
+    return mean_metrics(reference_reconstruct(model, path, transform, device)[2] for path in paths)
+
+
+def our_scores(model, paths, device):
+    chunks = (paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
+    return mean_metrics(evaluation_engine.reconstruct(model, torch.stack([load_image(p, TILE) for p in chunk]),
+                                                      device)[2] for chunk in chunks)
 
 
 def mean_metrics(batches):
@@ -559,14 +567,16 @@ def parse_args(argv):
                                                    f"(default {QUALITY_DEFAULTS['images']})")
     parser.add_argument("--crop", type=int, help=f"quality: training crop side, pixels "
                                                  f"(default {QUALITY_DEFAULTS['crop']})")
-    parser.add_argument("--train_folder", help=f"quality: training tiles (default {QUALITY_DEFAULTS['train_folder']})")
-    parser.add_argument("--lr", type=float, help=f"quality: our peak learning rate (default {QUALITY_DEFAULTS['lr']:g})")
+    parser.add_argument("--train_folder",
+                        help=f"quality: training tiles (default {QUALITY_DEFAULTS['train_folder']})")
+    parser.add_argument("--lr", type=float,
+                        help=f"quality: our peak learning rate, cosine-decayed (default {QUALITY_DEFAULTS['lr']:g})")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
                         help="quality: augment our training batches (default off, as the sample models)")
     args = parser.parse_args(argv)
     given = [f"--{key}" for key in QUALITY_DEFAULTS if getattr(args, key) is not None]
     if given and not args.quality:
-        parser.error(f"{', '.join(given)} only apply with --quality")
+        parser.error(f"{', '.join(given)} can only be used with --quality")
     if args.quality and args.quick:
         parser.error("--quick applies to the speed benchmark; shrink --quality with --images and --crop")
     for key, value in QUALITY_DEFAULTS.items():

@@ -68,6 +68,10 @@ def load_config(argv=None):
 
 def run_main(main):
     """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
+    # progress message: show it escaped, as stderr already does.
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         main()
     except UserError as err:

@@ -255,8 +255,11 @@ def train(cfg, loss_name):
     if ddp.main:
         check_writable(ckpt_dir)
         check_writable(os.path.dirname(csv_path))
-    if cfg.batch_size_train % ddp.world:
-        raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} processes")
+        if os.path.isdir(csv_path):
+            raise UserError(f"training_loss_file_{loss_name}={csv_path!r} is a folder: give a .csv file name")
+    if cfg.batch_size_train % ddp.world or cfg.batch_size_train < 2 * ddp.world:
+        raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} training "
+                        "process(es) and give each at least 2 tiles (BatchNorm needs two)")
     batch_size = cfg.batch_size_train // ddp.world
 
     dataset = ImageFolder(cfg.folder_path_train, cfg.tile_size)
@@ -267,7 +270,11 @@ def train(cfg, loss_name):
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every fresh run
     raw_model = AutoEncoder().to(device, memory_format=torch.channels_last)
     if ddp.world > 1 and cfg.sync_batchnorm:
-        raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        if device.type == "cuda":
+            raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
+        else:  # DistributedDataParallel refuses SyncBatchNorm layers on the CPU
+            say("sync_batchnorm ignored: PyTorch synchronises BatchNorm only between GPUs; "
+                "each CPU process keeps its own statistics.")
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -281,6 +288,9 @@ def train(cfg, loss_name):
     source = interrupt_path if interrupted is not None else periodic[1] if periodic else None
     if source and cfg.resume:
         state = interrupted if interrupted is not None else checkpoint_io.load(source)
+        if not isinstance(state, dict) or "optimizer_state_dict" not in state or "epoch" not in state:
+            raise UserError(f"cannot resume from {source!r}: it holds weights only, not a training checkpoint; "
+                            "move it out of the checkpoint folder or pass --resume=false")
         checkpoint_io.load_weights(raw_model, source)
         optimizer.load_state_dict(state["optimizer_state_dict"])
         if "scaler_state_dict" in state:
@@ -298,6 +308,9 @@ def train(cfg, loss_name):
         say(f"Starting fresh (resume=False): checkpoints in {ckpt_dir} and {csv_path} will be overwritten.")
     if start_epoch > cfg.num_epochs:
         say(f"Nothing to do: already trained for {start_epoch - 1} of num_epochs={cfg.num_epochs} epochs.")
+        if ddp.main and not os.path.isfile(final_path):  # killed between the last checkpoint and the final save
+            checkpoint_io.save(raw_model.state_dict(), final_path)
+            say(f"Saved {final_path}.")
         ddp.close()
         return history
 
@@ -351,6 +364,12 @@ def train(cfg, loss_name):
             try:
                 for images, _, skipped in bar:
                     skips.add(skipped)
+                    # A batch shrunk by unreadable files below BatchNorm's two tiles is skipped, by every
+                    # rank at once so none waits in a collective.
+                    too_small = ddp.sum(torch.tensor([float(len(images) < 2)], device=device))
+                    if too_small.item() > 0:
+                        step += 1  # consumed all the same: resuming skips batches by this count
+                        continue
                     with interrupts.deferred():
                         images = images.to(device, non_blocking=True)
                         batch = prepare_batch(images, cfg.train_crop_size, cfg.augment, aug_gen)
@@ -372,7 +391,7 @@ def train(cfg, loss_name):
                         seen += len(images)
                         step += 1
                         images_seen += len(images) * ddp.world
-                    if step % 5 == 0 or step == bar.total:
+                    if seen and (step % 5 == 0 or step == bar.total):
                         bar.set_postfix(loss=f"{total.item() / seen:.5f}")
                 # Wrapping up the epoch is covered too: an interruption here resumes at its last step.
                 bar.close()

@@ -3,8 +3,10 @@ stops with one line on stderr (exit code 2) before doing any work. Every case is
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import openpyxl
@@ -31,10 +33,11 @@ def in_workbook(path):
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def run(script, *args, cwd):
+def run(script, *args, cwd, env=()):
     """Run a script as a user would. Output is decoded by hand: text mode would turn a progress bar's
     carriage returns into line breaks, and a file name that is not UTF-8 into a decoding error."""
-    done = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=script_env(),
+    done = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+                          env={**script_env(), **dict(env)},
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=300)
     done.stdout, done.stderr = (os.fsdecode(stream) for stream in (done.stdout, done.stderr))
     return done
@@ -83,9 +86,17 @@ def truncated(image, fmt):
     return buffer.getvalue()[:len(buffer.getvalue()) * 6 // 10]
 
 
+def png_claiming_size(width, height):
+    """A valid PNG header announcing width x height, with no pixels: what a decompression bomb looks like."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
 def write_mode_images(folder):
-    """One small file per unusual pixel format; returns {name: expected RGB of the pixel at (row, col)}
-    as {name: [((row, col), rgb), ...]} for tiles decoded at TILE x TILE."""
+    """One small file per unusual pixel format. Returns {name: [((row, col), expected RGB), ...]} for the
+    file decoded at TILE x TILE."""
     expected = {}
     Image.new("L", (20, 20), 77).save(folder / "gray.png")
     expected["gray.png"] = [((16, 16), (77, 77, 77))]
@@ -142,10 +153,12 @@ def build_hostile_folder(folder):
     (folder / "truncated.jpg").write_bytes(truncated(Image.fromarray(tile_array(61, 64)), "JPEG"))
     (folder / "text.jpg").write_text("not a picture")
     (folder / LATIN1_BAD).write_text("not a picture")
+    (folder / "bomb.png").write_bytes(png_claiming_size(20000, 20000))
     (folder / "notes.txt").write_text("ignored: not an image extension")
     os.symlink("..", folder / "sub1" / "loop")
     bad = {"zero.png": "empty file (0 bytes)", "truncated.png": "truncated", "truncated.jpg": "truncated",
-           "text.jpg": "not a readable image", LATIN1_BAD: "not a readable image"}
+           "text.jpg": "not a readable image", LATIN1_BAD: "not a readable image",
+           "bomb.png": "decompression bomb"}
     return good, bad
 
 
@@ -164,24 +177,29 @@ def skip_warnings(stdout):
     return [line for line in stdout.splitlines() if line.startswith("warning: skipped ")]
 
 
-def assert_one_warning_per_bad_file(stdout, bad):
+def assert_one_warning_per_bad_file(stdout, bad, errors="surrogateescape"):
+    """errors: how the script's stdout shows bytes of a file name that are not UTF-8."""
     warnings = skip_warnings(stdout)
     assert len(warnings) == len(bad), stdout
     for path, reason in bad.items():
-        matching = [w for w in warnings if w.startswith(f"warning: skipped {path}: ")]
+        shown = path.encode("utf-8", errors).decode("utf-8", "surrogateescape")
+        matching = [w for w in warnings if w.startswith(f"warning: skipped {shown}: ")]
         assert len(matching) == 1 and reason in matching[0], (path, warnings)
 
 
 def test_evaluation_of_a_hostile_folder(hostile, model_file):
     root, name, good, bad = hostile
-    result = run("Evaluation_MSE.py", *eval_args(name, model_file, "out"), cwd=root)
+    # A terminal whose encoding rejects what it cannot encode, as a UTF-8 desktop locale does.
+    result = run("Evaluation_MSE.py", *eval_args(name, model_file, "out"), cwd=root,
+                 env={"PYTHONIOENCODING": "utf-8:strict"})
     assert result.returncode == 0, result.stderr
-    assert_one_warning_per_bad_file(result.stdout, bad)
+    assert_one_warning_per_bad_file(result.stdout, bad, errors="backslashreplace")
     assert not any("x.png:" in w for w in skip_warnings(result.stdout)), "a folder named x.png is searched"
 
     book = openpyxl.load_workbook(root / "out" / "metrics.xlsx")
     cells = [row[0] for row in book["Metrics"].iter_rows(min_row=2)]
-    assert sorted(cell.value for cell in cells) == sorted(map(in_workbook, good))  # each file once: the link loop added nothing
+    # Each file once: the link loop added nothing.
+    assert sorted(cell.value for cell in cells) == sorted(map(in_workbook, good))
     assert all(cell.data_type == "s" for cell in cells)
     skipped = {row[0].value: row[1].value for row in book["Skipped"].iter_rows(min_row=2)}
     assert set(skipped) == set(map(in_workbook, bad))
@@ -197,7 +215,7 @@ def test_evaluation_of_a_hostile_folder(hostile, model_file):
 
 
 def test_training_on_a_hostile_folder(hostile, tmp_path):
-    root, name, good, bad = hostile
+    root, name, _, bad = hostile
     result = run("Training_MSE.py", *train_args(root / name, tmp_path, epochs=2), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     bad_absolute = {os.path.join(root, path): reason for path, reason in bad.items()}
@@ -211,7 +229,8 @@ def test_unusual_pixel_formats_become_the_right_rgb(tmp_path):
         decoded = load_image(tmp_path / name, TILE)
         assert decoded.shape == (3, TILE, TILE) and decoded.dtype == torch.uint8, name
         for (row, col), rgb in checks:
-            assert np.abs(decoded[:, row, col].int().numpy() - rgb).max() <= 6, (name, (row, col), decoded[:, row, col])
+            pixel = decoded[:, row, col].int().numpy()
+            assert np.abs(pixel - rgb).max() <= 6, (name, (row, col), pixel)  # 6: JPEG's loss
 
 
 @pytest.mark.parametrize("width, height", [(90, 30), (30, 90)])
@@ -230,7 +249,7 @@ def test_non_square_is_centre_cropped_then_resized(tmp_path, width, height):
 
 
 def test_training_and_evaluation_decode_through_the_same_code(tmp_path):
-    assert training_engine.ImageFolder is Dataset.ImageFolder and evaluation_engine.ImageFolder is Dataset.ImageFolder
+    assert training_engine.ImageFolder is evaluation_engine.ImageFolder is Dataset.ImageFolder
     tile(0, 90, 30).save(tmp_path / "wide.png")
     tile(1, 10, 10).save(tmp_path / "tiny.jpg")
     dataset = ImageFolder(tmp_path, TILE)
@@ -289,8 +308,8 @@ def test_walk_survives_links_and_folders_named_like_images(tmp_path):
 
 
 def test_comparison_names_are_unique_even_when_stems_clash(tmp_path):
-    names = ["a.png", "a.jpg", "a_png.bmp", "B.png", "b.jpg", os.path.join("s1", "t.png"), os.path.join("s2", "t.png"),
-             LATIN1_NAME, "x" * 300 + ".png", "x" * 300 + ".jpg"]
+    names = ["a.png", "a.jpg", "a_png.bmp", "B.png", "b.jpg", os.path.join("s1", "t.png"),
+             os.path.join("s2", "t.png"), LATIN1_NAME, "x" * 300 + ".png", "x" * 300 + ".jpg"]
     paths = [str(tmp_path / n) for n in names]
     out = evaluation_engine.comparison_names(paths, str(tmp_path))
     assert len({name.casefold() for name in out.values()}) == len(names)
@@ -373,7 +392,7 @@ def test_unwritable_output_fails_before_any_work(tmp_path, script, setting, leaf
 def test_workbook_path_that_is_a_folder_fails_before_any_work(tmp_path):
     (tmp_path / "metrics.xlsx").mkdir()
     result = run("Evaluation_MSE.py", f"--reconstruction_metrics_mse={tmp_path / 'metrics.xlsx'}",
-                        "--folder_path_test=absent", "--model_path_mse=absent.pth", "--GPUs=cpu", cwd=tmp_path)
+                 "--folder_path_test=absent", "--model_path_mse=absent.pth", "--GPUs=cpu", cwd=tmp_path)
     assert f"{tmp_path / 'metrics.xlsx'}" in error_line(result) and result.stdout == ""
 
 

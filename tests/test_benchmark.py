@@ -62,7 +62,3 @@ def test_quality_benchmark_without_training_tiles_is_one_line_error(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Prepare_Tiles.py" in result.stderr, result.stderr
 
-
-def test_quality_flags_without_quality_are_refused(tmp_path):
-    result = run_benchmark(tmp_path, "--images=10")
-    assert result.returncode == 2 and "only apply with --quality" in result.stderr

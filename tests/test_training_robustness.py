@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint_io
 import metrics
 import training_engine
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder
 from cli import UserError, load_config
-from conftest import REPO, script_env, tile_array
+from conftest import REPO, run_repo_script, script_env, tile_array
 
 LONG_EPOCH_STEPS = 10  # long_tiles / batch 2: long enough to land a signal in the middle of an epoch
 
@@ -87,21 +88,26 @@ def file_bytes(folder):
     return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def run_training(args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def start_training():
+    """start_training(args, cwd, log) runs Training_MSE.py in the background, stdout and stderr into log,
+    and kills it when the test ends if it is still running. SIGINT is restored to its default so Python
+    turns it into KeyboardInterrupt even when the test runner was started with SIGINT ignored."""
+    processes = []
 
+    def start(args, cwd, log):
+        with open(log, "w") as handle:
+            processes.append(subprocess.Popen(
+                [sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
+                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+        return processes[-1]
 
-def start_training(args, cwd, log):
-    """Training_MSE.py in the background, stdout and stderr into log; SIGINT restored to its default so
-    Python turns it into KeyboardInterrupt even when the test runner was started with SIGINT ignored."""
-    handle = open(log, "w")
-    try:
-        return subprocess.Popen([sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
-                                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    finally:
-        handle.close()
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def wait_until(condition, process, what, timeout=180):
@@ -109,16 +115,17 @@ def wait_until(condition, process, what, timeout=180):
     while not condition():
         if process.poll() is not None:
             raise AssertionError(f"training ended (exit code {process.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise AssertionError(f"timed out waiting for {what}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
 
 
-def assert_succeeded(result):
-    assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert "Traceback" not in result.stderr
+def resume_in_process(args, capsys):
+    """The interrupted command's settings, rerun in this process (a fresh interpreter only adds the torch
+    import): (stdout, CSV rows)."""
+    capsys.readouterr()
+    cfg = load_config(args)
+    training_engine.train(cfg, "mse")
+    return capsys.readouterr().out, read_rows(cfg.training_loss_file_mse)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +153,7 @@ def test_resume_is_exact(small_tiles, tmp_path, capsys, extra):
     assert epochs_of(split_rows) == [1, 2, 3, 4]
     assert without_seconds(split_rows) == without_seconds(straight_rows)
     for name in ("Model_AE_epoch_002.pth", "Model_AE_epoch_004.pth"):
-        a, b = (torch.load(out / "checkpoints" / name, weights_only=True) for out in (straight, split))
+        a, b = (torch.load(run / "checkpoints" / name, weights_only=True) for run in (straight, split))
         assert_same_weights(a["model_state_dict"], b["model_state_dict"])
         assert a["optimizer_state_dict"]["state"][0]["step"] == b["optimizer_state_dict"]["state"][0]["step"]
     if "--val_fraction=0.25" in extra:
@@ -155,7 +162,7 @@ def test_resume_is_exact(small_tiles, tmp_path, capsys, extra):
                             weights(split / "checkpoints" / "Best_Model_AE_MSE.pth"))
 
 
-def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path):
+def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path, capsys, start_training):
     reference, reference_rows = uninterrupted
     args = long_settings(long_tiles, tmp_path, 4, "--save_interval=1")
     checkpoints = tmp_path / "checkpoints"
@@ -172,17 +179,15 @@ def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path):
                                                             [*range(1, latest_epoch + 2)])
     assert not (checkpoints / "Final_Model_AE_MSE.pth").exists()
 
-    result = run_training(args, tmp_path)
-    assert_succeeded(result)
-    assert f"Resuming from {latest_path} (epoch {latest_epoch})" in result.stdout
-    rows = read_rows(tmp_path / "loss.csv")
+    out, rows = resume_in_process(args, capsys)
+    assert f"Resuming from {latest_path} (epoch {latest_epoch})" in out
     assert epochs_of(rows) == [1, 2, 3, 4]
     assert without_seconds(rows) == without_seconds(reference_rows)
     assert_same_weights(final(tmp_path), final(reference))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_path, sig):
+def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_path, capsys, start_training, sig):
     reference, reference_rows = uninterrupted
     args = long_settings(long_tiles, tmp_path, 2)  # save_interval 100: only the interrupt checkpoint saves work
     checkpoints, log = tmp_path / "checkpoints", tmp_path / "interrupted.log"
@@ -201,11 +206,9 @@ def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_pa
     assert training_engine.latest_checkpoint(str(checkpoints)) is None
     assert epochs_of(read_rows(tmp_path / "loss.csv")) == [1]
 
-    result = run_training(args, tmp_path)
-    assert_succeeded(result)
-    assert f"(epoch 2, after step {state['step']})" in result.stdout
-    assert "Epoch 1/2" not in result.stdout
-    rows = read_rows(tmp_path / "loss.csv")
+    out, rows = resume_in_process(args, capsys)
+    assert f"(epoch 2, after step {state['step']})" in out
+    assert "Epoch 1/2" not in out
     assert without_seconds(rows) == without_seconds(reference_rows[:2])
     assert_same_weights(final(tmp_path), weights(reference / "checkpoints" / "Model_AE_epoch_002.pth"))
     assert not (checkpoints / training_engine.INTERRUPT_NAME).exists()
@@ -243,34 +246,43 @@ def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path
     assert_same_weights(final(tmp_path / "run"), final(tmp_path / "reference"))
 
 
-@pytest.mark.parametrize("where", ["validation", "plot"])
-def test_interrupt_after_the_last_step_of_an_epoch_keeps_the_epoch(small_tiles, tmp_path, monkeypatch, where):
-    """Ctrl-C while an epoch is being wrapped up (validation, loss curve) must not lose that epoch either."""
-    extra = ("--val_fraction=0.25", "--save_interval=100")
-    train(small_tiles, tmp_path / "reference", 3, *extra)
-    name = "validation_metrics" if where == "validation" else "plot_history"
-    real = getattr(training_engine, name)
-    calls = []
+WRAP_UP = ("--val_fraction=0.25", "--save_interval=100")  # only an interrupt checkpoint can keep unsaved epochs
 
-    def interrupted_at_epoch_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+
+@pytest.fixture(scope="module")
+def wrapped_up(small_tiles, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wrapped_up")
+    train(small_tiles, out, 3, *WRAP_UP)
+    return out
+
+
+@pytest.mark.parametrize("where, epoch", [("validation", 2), ("best model", 1), ("loss curve", 2)])
+def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up, tmp_path, monkeypatch, where,
+                                                         epoch):
+    """Ctrl-C after an epoch's last step, while it is validated, its best model saved or its curve drawn."""
+    best_path = str(tmp_path / "checkpoints" / "Best_Model_AE_MSE.pth")
+    module, name = {"validation": (training_engine, "validation_metrics"), "best model": (checkpoint_io, "save"),
+                    "loss curve": (training_engine, "plot_history")}[where]
+    real, calls = getattr(module, name), []
+
+    def interrupted(*args):
+        if where != "best model" or args[1] == best_path:
+            calls.append(1)
+            if len(calls) == epoch:
+                raise KeyboardInterrupt
+        return real(*args)
 
     with monkeypatch.context() as patch:
-        patch.setattr(training_engine, name, interrupted_at_epoch_2)
+        patch.setattr(module, name, interrupted)
         with pytest.raises(KeyboardInterrupt):
-            train(small_tiles, tmp_path / "run", 3, *extra)
-    state = torch.load(tmp_path / "run" / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
-    assert state["epoch"] == 2
+            train(small_tiles, tmp_path, 3, *WRAP_UP)
+    state = torch.load(tmp_path / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
+    assert state["epoch"] == epoch
 
-    train(small_tiles, tmp_path / "run", 3, *extra)
-    rows = read_rows(tmp_path / "run" / "loss.csv")
-    assert without_seconds(rows) == without_seconds(read_rows(tmp_path / "reference" / "loss.csv"))
-    assert_same_weights(final(tmp_path / "run"), final(tmp_path / "reference"))
-    assert_same_weights(weights(tmp_path / "run" / "checkpoints" / "Best_Model_AE_MSE.pth"),
-                        weights(tmp_path / "reference" / "checkpoints" / "Best_Model_AE_MSE.pth"))
+    train(small_tiles, tmp_path, 3, *WRAP_UP)
+    assert without_seconds(read_rows(tmp_path / "loss.csv")) == without_seconds(read_rows(wrapped_up / "loss.csv"))
+    assert_same_weights(final(tmp_path), final(wrapped_up))
+    assert_same_weights(weights(best_path), weights(wrapped_up / "checkpoints" / "Best_Model_AE_MSE.pth"))
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(small_tiles, tmp_path, monkeypatch):
@@ -309,7 +321,8 @@ def test_non_finite_loss_exits_2_with_one_error_line(small_tiles, tmp_path):
                checkpoints / "Model_AE_epoch_001.pth")
     before = file_bytes(checkpoints)
 
-    result = run_training(settings(small_tiles, tmp_path, 3, "--save_interval=1"), tmp_path)
+    result = run_repo_script("Training_MSE.py", *settings(small_tiles, tmp_path, 3, "--save_interval=1"),
+                             cwd=tmp_path)
     assert result.returncode == 2, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
