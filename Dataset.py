@@ -3,11 +3,14 @@
 Training, evaluation, the notebook and feature extraction all use this module, so every tool sees
 the same files in the same order, decoded the same way.
 """
+import io
 import os
+import struct
 import warnings
 
 import numpy as np
 import torch
+import torchvision.io
 from PIL import Image, ImageFile, ImageOps
 
 from cli import UserError
@@ -62,16 +65,40 @@ def _to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_plain_png(data, tile_size):
+    """The common tile, an 8-bit RGB PNG already tile_size square, decoded by libpng straight into a
+    tensor (no PIL image, no copies); None for anything else, which goes through PIL."""
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    bit_depth, colour_type = data[24], data[25]
+    if (width, height) != (tile_size, tile_size) or bit_depth != 8 or colour_type != 2:
+        return None
+    try:
+        return torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                         mode=torchvision.io.ImageReadMode.RGB)
+    except RuntimeError:
+        raise ValueError("damaged PNG data (truncated or corrupt)") from None
+
+
 def load_image(path, tile_size):
     """Decode path to a 3 x tile_size x tile_size uint8 tensor. Raises OSError/ValueError on a bad file.
     EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing.
     A huge image is held in memory about once: JPEGs are decoded downscaled, and nothing is copied."""
-    if os.path.getsize(path) == 0:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if not data:
         raise ValueError("empty file (0 bytes)")
+    plain = _decode_plain_png(data, tile_size)
+    if plain is not None:
+        return plain
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings (EXIF, palette) are not the user's problem
         # Everything happens inside the with: img may be the opened image itself, which closing frees.
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (tile_size, tile_size))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)

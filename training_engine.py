@@ -241,6 +241,21 @@ class Interrupts:
             raise KeyboardInterrupt
 
 
+def forward_loss(model, images, loss_fn, crop, augment, aug_gen, amp_dtype):
+    """uint8 tiles already on the device -> the loss of their reconstruction, exactly as training computes it."""
+    batch = prepare_batch(images, crop, augment, aug_gen).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        output = model(batch)
+    return loss_fn(output, batch)
+
+
+def optimizer_step(loss, optimizer, scaler):
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def train(cfg, loss_name):
     """Train an AutoEncoder with loss_name ('mse' or 'ssim') as Config says; returns the loss log rows."""
     validate(cfg)
@@ -372,21 +387,15 @@ def train(cfg, loss_name):
                         continue
                     with interrupts.deferred():
                         images = images.to(device, non_blocking=True)
-                        batch = prepare_batch(images, cfg.train_crop_size, cfg.augment, aug_gen)
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            output = model(batch)
-                        loss = loss_fn(output, batch)
+                        loss = forward_loss(model, images, loss_fn, cfg.train_crop_size, cfg.augment, aug_gen,
+                                            amp_dtype)
                         # Every rank sees the same verdict, so none is left waiting in a collective.
                         finite = ddp.sum(torch.isfinite(loss.detach()).to(torch.float32).reshape(1))
                         if finite.item() < ddp.world:
                             raise UserError(f"the loss became {loss.item()} at epoch {epoch}, step {step + 1}; "
                                             f"training stopped and the last good checkpoint in {ckpt_dir} is "
                                             "intact: lower learning_rate and rerun")
-                        optimizer.zero_grad(set_to_none=True)
-                        scaler.scale(loss).backward()
-                        scaler.step(optimizer)
-                        scaler.update()
+                        optimizer_step(loss, optimizer, scaler)
                         total += loss.detach().double() * len(images)
                         seen += len(images)
                         step += 1
