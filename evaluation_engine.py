@@ -4,6 +4,7 @@ For every tile under folder_path_test: reconstruct it, compute MSE, PSNR and SSI
 PNG, and at the end write one workbook. Metrics are those of the network's [0, 1] output, before it is
 rounded to 8 bits for the PNG.
 """
+import functools
 import hashlib
 import math
 import os
@@ -78,6 +79,7 @@ def comparison_names(paths, folder):
     return names
 
 
+@functools.lru_cache(maxsize=None)  # loading the font file per image cost more than drawing
 def _font(size):
     try:
         return ImageFont.load_default(size=size)
@@ -117,7 +119,7 @@ def comparison_image(original, reconstruction, metrics, label):
 
 def save_comparison(original, reconstruction, metrics, label, out_path):
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    comparison_image(original, reconstruction, metrics, label).save(out_path, compress_level=3)
+    comparison_image(original, reconstruction, metrics, label).save(out_path, compress_level=1)
 
 
 def _text_cell(cell, value):
