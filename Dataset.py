@@ -66,20 +66,21 @@ def _to_rgb(img):
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# torchvision 0.29 deprecates its image decoders; where a later release drops them, PIL decodes every file.
+_DECODE_PNG = getattr(torchvision.io, "decode_png", None)
 
 
 def _decode_plain_png(data, tile_size):
     """The common tile, an 8-bit RGB PNG already tile_size square, decoded by libpng straight into a
     tensor (no PIL image, no copies); None for anything else, which goes through PIL."""
-    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+    if _DECODE_PNG is None or len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
         return None
     width, height = struct.unpack(">II", data[16:24])
     bit_depth, colour_type = data[24], data[25]
     if (width, height) != (tile_size, tile_size) or bit_depth != 8 or colour_type != 2:
         return None
     try:
-        return torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                         mode=torchvision.io.ImageReadMode.RGB)
+        return _DECODE_PNG(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError:
         raise ValueError("damaged PNG data (truncated or corrupt)") from None
 

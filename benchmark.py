@@ -399,10 +399,10 @@ def fixed_costs(model, tiles, paths, plan, model_path, out, device, our_eval, ou
 def speed(args):
     if args.quick:
         plan = types.SimpleNamespace(tile=64, batch=4, steps=1, count=4, copies=1, min_seconds=0.0)
-    else:  # a 256-pixel batch-16 training step takes seconds on a CPU: 3 timed steps keep the run short
+    else:  # a 256-pixel batch-16 training step takes seconds on a CPU: 6 timed steps keep the run short
         # Six copies of the tiles in subfolders: start-up and output files weigh on 96 tiles as on a real
         # folder far less than on 16.
-        plan = types.SimpleNamespace(tile=TILE, batch=BATCH, steps=3, count=None, copies=6, min_seconds=2.0)
+        plan = types.SimpleNamespace(tile=TILE, batch=BATCH, steps=6, count=None, copies=6, min_seconds=2.0)
     plan.seed = args.seed
     started = time.perf_counter()
     load_before = load_note()
