@@ -26,7 +26,7 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING
 from Dataset import ImageFolder, SkipLog, collate
-from cli import UserError, check_writable, load_config, run_main, select_device
+from cli import UserError, check_writable, load_config, run_main, select_device, worker_count
 from evaluation_engine import load_model
 from training_engine import autocast_dtype
 
@@ -154,14 +154,13 @@ def extract_features(cfg):
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
     if cfg.batch_size_test < 1:
         raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
-    if cfg.num_workers < 0:
-        raise UserError(f"num_workers={cfg.num_workers} must be 0 or more")
     check_writable(os.path.dirname(outputs["csv"]))
     dataset = ImageFolder(folder, cfg.tile_size)
     device = select_device(cfg.GPUs)
     model = load_model(model_path, device)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=cfg.num_workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test,
+                                         num_workers=worker_count(cfg.num_workers), collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
     print(f"Extracting encoder features with {model_path} from {len(dataset)} files in {folder} on {device}.")
 
     chunks, paths, skips = [], [], SkipLog()

@@ -111,6 +111,18 @@ def select_device(gpus, local_rank=0):
     return torch.device("cuda", gpu)
 
 
+def worker_count(requested):
+    """Loader processes to start: num_workers from Config, but no more than the CPUs this process may use
+    (more only add start-up time and memory)."""
+    if requested < 0:
+        raise UserError(f"num_workers={requested} must be 0 or more")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows
+        cpus = os.cpu_count() or 1
+    return min(requested, cpus)
+
+
 def check_writable(folder):
     """Create folder if needed and prove a file can be written there, before any work starts."""
     folder = folder or "."

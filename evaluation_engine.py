@@ -21,7 +21,7 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
-from cli import UserError, check_writable, load_config, run_main, select_device
+from cli import UserError, check_writable, load_config, run_main, select_device, worker_count
 from metrics import per_image
 from training_engine import autocast_dtype
 
@@ -187,7 +187,7 @@ def evaluate(cfg, loss_name):
     device = select_device(cfg.GPUs)
     model = load_model(model_path, device)
     names = comparison_names(dataset.paths, cfg.folder_path_test)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=cfg.num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=worker_count(cfg.num_workers),
                                          collate_fn=collate, pin_memory=device.type == "cuda")
     print(f"Evaluating {model_path} on {len(dataset)} files from {cfg.folder_path_test} on {device}.")
 

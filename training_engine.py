@@ -25,7 +25,7 @@ import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import UserError, check_writable, gpu_ids, load_config, run_main, select_device
+from cli import UserError, check_writable, gpu_ids, load_config, run_main, select_device, worker_count
 from metrics import LOSSES, per_image
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
@@ -335,8 +335,9 @@ def train(cfg, loss_name):
     if cfg.compile_model:
         model = torch.compile(model)
     sampler = EpochSampler(train_idx, cfg.seed, ddp.rank, ddp.world, batch_size)
-    loader_args = dict(num_workers=cfg.num_workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                       persistent_workers=cfg.num_workers > 0)
+    workers = worker_count(cfg.num_workers)
+    loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
+                       persistent_workers=workers > 0)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          drop_last=sampler.per_rank > batch_size, **loader_args)
     val_loader = None
