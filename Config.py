@@ -9,7 +9,7 @@ Relative paths are relative to the folder you run the scripts from.
 # System
 #------------------------------------------------------------------
 GPUs = "0"                    # GPU ids: "0", "2,3", or "cpu"; without CUDA the scripts use the CPU
-num_workers = 4               # data-loading processes (0 = load in the main process)
+num_workers = 4               # data-loading processes, at most one per CPU (0 = load in the main process)
 seed = 0                      # random seed for shuffling, augmentation and the validation split
 
 #------------------------------------------------------------------
