@@ -24,11 +24,9 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import checkpoint_io
-from Auto_encoder import DOWNSAMPLING
 from Dataset import ImageFolder, SkipLog, collate
 from cli import UserError, check_writable, load_config, run_main, select_device, worker_count
-from evaluation_engine import load_model
-from training_engine import autocast_dtype
+from evaluation_engine import check_settings, load_model, run_model
 
 FEATURE_DIM = 512
 FEATURE_COLUMNS = [f"Feature_{i}" for i in range(1, FEATURE_DIM + 1)]
@@ -46,14 +44,9 @@ def output_paths(csv_path):
             "pca": stem + "_pca.png", "skipped": stem + "_skipped.csv"}
 
 
-@torch.inference_mode()
 def embed_batch(model, images, device):
     """uint8 N x 3 x H x W tiles -> float32 N x 512 features on the CPU."""
-    x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(device)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        features = model.embed(x)
-    return features.float().cpu().numpy()
+    return run_model(model.embed, images, device)[1].cpu().numpy()
 
 
 def pca_2d(features):
@@ -150,10 +143,7 @@ def extract_features(cfg):
     """Describe every tile under folder_path_features; returns (features float32 N x 512, paths)."""
     folder, model_path = cfg.folder_path_features, cfg.model_path_ssim
     outputs = output_paths(cfg.features_output)
-    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
-        raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
-    if cfg.batch_size_test < 1:
-        raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+    check_settings(cfg)
     check_writable(os.path.dirname(outputs["csv"]))
     dataset = ImageFolder(folder, cfg.tile_size)
     device = select_device(cfg.GPUs)

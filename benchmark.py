@@ -38,9 +38,9 @@ import evaluation_engine
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import UserError, load_config, run_main
+from cli import UserError, autocast_dtype, load_config, run_main
 from metrics import LOSSES, per_image
-from training_engine import autocast_dtype, forward_loss, learning_rate, optimizer_step
+from training_engine import forward_loss, learning_rate, optimizer_step
 
 TILE = 256
 BATCH = 16

@@ -123,6 +123,13 @@ def worker_count(requested):
     return min(requested, cpus)
 
 
+def autocast_dtype(device):
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None means fp32 (CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def check_writable(folder):
     """Create folder if needed and prove a file can be written there, before any work starts."""
     folder = folder or "."

@@ -21,9 +21,8 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
-from cli import UserError, check_writable, load_config, run_main, select_device, worker_count
+from cli import UserError, autocast_dtype, check_writable, load_config, run_main, select_device, worker_count
 from metrics import per_image
-from training_engine import autocast_dtype
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
 _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix
@@ -36,14 +35,29 @@ def load_model(path, device):
     return model.to(device, memory_format=torch.channels_last).eval()
 
 
+def check_settings(cfg):
+    """The Config values every inference script (evaluation, features) relies on."""
+    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
+        raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
+    if cfg.batch_size_test < 1:
+        raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+
+
 @torch.inference_mode()
-def reconstruct(model, images, device):
-    """uint8 N x 3 x H x W tiles -> (float [0, 1] originals, float [0, 1] reconstructions, metrics dict)."""
+def run_model(method, images, device):
+    """uint8 N x 3 x H x W tiles -> (their float [0, 1] channels_last tensor, method of it in float32), with
+    mixed precision on CUDA: the one way every script feeds tiles to the network outside training."""
     x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
     amp_dtype = autocast_dtype(device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        recon = model(x)
-    recon = recon.float().clamp_(0, 1)
+        return x, method(x).float()
+
+
+@torch.inference_mode()
+def reconstruct(model, images, device):
+    """uint8 N x 3 x H x W tiles -> (float [0, 1] originals, float [0, 1] reconstructions, metrics dict)."""
+    x, recon = run_model(model, images, device)
+    recon = recon.clamp_(0, 1)
     return x, recon, per_image(recon, x)
 
 
@@ -172,10 +186,7 @@ def evaluate(cfg, loss_name):
     model_path = getattr(cfg, f"model_path_{loss_name}")
     out_dir = getattr(cfg, f"recon_output_{loss_name}")
     workbook_path = getattr(cfg, f"reconstruction_metrics_{loss_name}")
-    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
-        raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
-    if cfg.batch_size_test < 1:
-        raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+    check_settings(cfg)
     if not workbook_path.lower().endswith(".xlsx"):
         raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} must end in .xlsx")
     if os.path.isdir(workbook_path):

@@ -25,8 +25,9 @@ import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import UserError, check_writable, gpu_ids, load_config, run_main, select_device, worker_count
-from metrics import LOSSES, per_image
+from cli import UserError, autocast_dtype, check_writable, gpu_ids, load_config, run_main, select_device, worker_count
+from evaluation_engine import reconstruct
+from metrics import LOSSES
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
@@ -54,13 +55,6 @@ def learning_rate(cfg, epoch):
         progress = (epoch - 1) / (cfg.num_epochs - 1)
         return cfg.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.learning_rate
-
-
-def autocast_dtype(device):
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None means fp32 (CPU)."""
-    if device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def latest_checkpoint(folder):
@@ -189,13 +183,9 @@ def validation_metrics(model, loader, device, ddp):
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for images, _, _ in loader:
         if len(images):
-            x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-            amp_dtype = autocast_dtype(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                recon = model(x)
-            metrics = per_image(recon.float().clamp(0, 1), x)
+            _, _, metrics = reconstruct(model, images, device)
             sums += torch.stack([metrics["MSE"].sum(), metrics["PSNR"].sum(), metrics["SSIM"].sum(),
-                                 torch.tensor(float(len(x)), device=device)]).double()
+                                 torch.tensor(float(len(images)), device=device)]).double()
     ddp.sum(sums)
     model.train()
     if sums[3] == 0:

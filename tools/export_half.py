@@ -7,7 +7,6 @@ Any checkpoint layout the evaluation scripts load is accepted; the output is a b
 import os
 import sys
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import checkpoint_io  # noqa: E402  (after the path set-up above)
