@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import checkpoint_io
 from Dataset import ImageFolder, SkipLog, collate
-from cli import UserError, check_writable, load_config, run_main, select_device, worker_count
+from cli import (UserError, autocast_dtype, check_writable, load_config, precision_name, run_main, select_device,
+                 worker_count)
 from evaluation_engine import check_settings, load_model, run_model
 
 FEATURE_DIM = 512
@@ -44,9 +45,9 @@ def output_paths(csv_path):
             "pca": stem + "_pca.png", "skipped": stem + "_skipped.csv"}
 
 
-def embed_batch(model, images, device):
+def embed_batch(model, images, device, amp_dtype=None):
     """uint8 N x 3 x H x W tiles -> float32 N x 512 features on the CPU."""
-    return run_model(model.embed, images, device)[1].cpu().numpy()
+    return run_model(model.embed, images, device, amp_dtype)[1].cpu().numpy()
 
 
 def pca_2d(features):
@@ -147,11 +148,13 @@ def extract_features(cfg):
     check_writable(os.path.dirname(outputs["csv"]))
     dataset = ImageFolder(folder, cfg.tile_size)
     device = select_device(cfg.GPUs)
+    amp_dtype = autocast_dtype(device, cfg.mixed_precision)
     model = load_model(model_path, device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test,
                                          num_workers=worker_count(cfg.num_workers), collate_fn=collate,
                                          pin_memory=device.type == "cuda")
-    print(f"Extracting encoder features with {model_path} from {len(dataset)} files in {folder} on {device}.")
+    print(f"Extracting encoder features with {model_path} from {len(dataset)} files in {folder} on {device} "
+          f"in {precision_name(amp_dtype)}.")
 
     chunks, paths, skips = [], [], SkipLog()
     start = time.perf_counter()
@@ -159,7 +162,7 @@ def extract_features(cfg):
         for images, batch_paths, skipped in loader:
             skips.add(skipped)
             if batch_paths:
-                chunks.append(embed_batch(model, images, device))
+                chunks.append(embed_batch(model, images, device, amp_dtype))
                 paths.extend(batch_paths)
             progress.update(len(batch_paths) + len(skipped))
     seconds = time.perf_counter() - start

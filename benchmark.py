@@ -38,7 +38,7 @@ import evaluation_engine
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import UserError, autocast_dtype, load_config, run_main
+from cli import PRECISIONS, UserError, autocast_dtype, load_config, precision_name, run_main
 from metrics import LOSSES, per_image
 from training_engine import forward_loss, learning_rate, optimizer_step
 
@@ -139,9 +139,9 @@ def our_model(state, device):
     return model.to(device, memory_format=torch.channels_last)
 
 
-def our_train_step(model, optimizer, scaler, paths, tile_size, device, generator, crop=0, augment=True):
+def our_train_step(model, optimizer, scaler, paths, tile_size, device, generator, amp_dtype, crop=0, augment=True):
     images = torch.stack([load_image(path, tile_size) for path in paths]).to(device, non_blocking=True)
-    loss = forward_loss(model, images, LOSSES["mse"], crop, augment, generator, autocast_dtype(device))
+    loss = forward_loss(model, images, LOSSES["mse"], crop, augment, generator, amp_dtype)
     optimizer_step(loss, optimizer, scaler)
     return loss
 
@@ -278,8 +278,8 @@ def data_pipeline_row(paths, plan):
 def device_rows(device, plan, paths, model_path, work_dir, notes):
     """Sections 1b to 4 on one device."""
     on_gpu = device.type == "cuda"
-    amp_dtype = autocast_dtype(device)
-    label = device.type if amp_dtype is None else f"{device.type}, ours in {str(amp_dtype).removeprefix('torch.')}"
+    amp_dtype = autocast_dtype(device, plan.precision)
+    label = f"{device.type}, ours in {precision_name(amp_dtype)}"
     warmups = 3 if on_gpu else 1  # cuDNN picks its kernels over the first calls
     steps = 20 if on_gpu else plan.steps
     state = torch.load(model_path, map_location="cpu")
@@ -302,7 +302,8 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     generator = torch.Generator().manual_seed(plan.seed)
-    our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device, generator),
+    our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device, generator,
+                                                          amp_dtype),
                            plan.batch, device, min_calls=steps, warmups=warmups)
     del model, optimizer
 
@@ -317,7 +318,8 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
 
     gpus = "0" if on_gpu else "cpu"
     n = len(paths)
-    common = [f"--tile_size={plan.tile}", f"--batch_size_test={plan.batch}", f"--GPUs={gpus}"]
+    common = [f"--tile_size={plan.tile}", f"--batch_size_test={plan.batch}", f"--GPUs={gpus}",
+              f"--mixed_precision={plan.precision}"]
 
     def our_evaluation(workers):
         out = new_dir()
@@ -403,7 +405,7 @@ def speed(args):
         # Six copies of the tiles in subfolders: start-up and output files weigh on 96 tiles as on a real
         # folder far less than on 16.
         plan = types.SimpleNamespace(tile=TILE, batch=BATCH, steps=6, count=None, copies=6, min_seconds=2.0)
-    plan.seed = args.seed
+    plan.seed, plan.precision = args.seed, args.mixed_precision
     started = time.perf_counter()
     load_before = load_note()
     notes = []
@@ -432,7 +434,7 @@ def speed(args):
              "one process; evaluation one tile at a time with a matplotlib figure per tile at 150 dpi, "
              "then a pandas/openpyxl sheet (checkpoint load included).",
              "- Ours, training: uint8 decode, prepare_batch(augment=True), channels_last, LOSSES['mse'], "
-             "Adam (mixed precision on a GPU); both training loops decode their tiles inside the timed step.",
+             "Adam; both training loops decode their tiles inside the timed step.",
              "- Ours, evaluation and features: evaluation_engine.evaluate and Extract_Features.extract_features "
              "end to end (model load, decode, forward, metrics, PNGs, workbook / CSV, .npy, PCA plot), timed "
              "with num_workers 0 and 2; the faster is reported.",
@@ -468,14 +470,15 @@ def quality(args):
     schedule = types.SimpleNamespace(lr_schedule="cosine", num_epochs=steps, learning_rate=args.lr)
     seed_everything(args.seed)
     state = AutoEncoder().state_dict()
-    amp = str(autocast_dtype(device)).removeprefix("torch.") if device.type == "cuda" else "fp32"
+    amp_dtype = autocast_dtype(device, args.mixed_precision)
     recipes = [
         f"- Reference: per-image PIL chain on the CPU (Resize {TILE}, RandomCrop {args.crop}, rotation +-45, "
         "flips, affine, colour jitter, blur, ImageNet Normalize); normalised inputs and targets through the "
         f"Sigmoid; fp32 NCHW; Adam lr {REFERENCE_LR:g} constant, weight decay {WEIGHT_DECAY:g}; batch {BATCH}. "
         "Evaluated as the reference does: un-normalised [0, 1] tiles in, Sigmoid output compared with them.",
         f"- Ours: uint8 decode, prepare_batch(crop {args.crop}, augment {'on' if args.augment else 'off'}); "
-        f"[0, 1] inputs and targets (normalisation inside the model); channels_last, {amp}; Adam lr {args.lr:g} "
+        f"[0, 1] inputs and targets (normalisation inside the model); channels_last, {precision_name(amp_dtype)}; "
+        f"Adam lr {args.lr:g} "
         f"cosine-decayed to 1% over {steps} steps, weight decay {WEIGHT_DECAY:g}; batch {BATCH}. "
         "Evaluated with evaluation_engine.reconstruct.",
         f"- Both: the same {steps * BATCH} training images in the same order from {len(train_paths)} tiles in "
@@ -496,17 +499,17 @@ def quality(args):
     seed_everything(args.seed)
     ours = our_model(state, device).train()
     optimizer = torch.optim.Adam(ours.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step, paths in enumerate(tqdm(batches, desc="our recipe", unit="step", leave=False)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule, step + 1)
-        our_train_step(ours, optimizer, scaler, paths, TILE, device, generator, args.crop, args.augment)
+        our_train_step(ours, optimizer, scaler, paths, TILE, device, generator, amp_dtype, args.crop, args.augment)
     our_seconds = time.perf_counter() - start
 
     means = {"reference": reference_scores(reference.eval(), test_paths, device),
-             "ours": our_scores(ours.eval(), test_paths, device)}
+             "ours": our_scores(ours.eval(), test_paths, device, amp_dtype)}
     gain = means["ours"]["PSNR"] - means["reference"]["PSNR"]
     table = markdown_table(
         ["recipe", "training images", "training s", "PSNR (dB)", "SSIM (windowed)", "MSE"],
@@ -529,10 +532,10 @@ def reference_scores(model, paths, device):
     return mean_metrics(reference_reconstruct(model, path, transform, device)[2] for path in paths)
 
 
-def our_scores(model, paths, device):
+def our_scores(model, paths, device, amp_dtype):
     chunks = (paths[i:i + BATCH] for i in range(0, len(paths), BATCH))
     return mean_metrics(evaluation_engine.reconstruct(model, torch.stack([load_image(p, TILE) for p in chunk]),
-                                                      device)[2] for chunk in chunks)
+                                                      device, amp_dtype)[2] for chunk in chunks)
 
 
 def mean_metrics(batches):
@@ -555,6 +558,8 @@ def parse_args(argv):
     parser.add_argument("--test_folder", default="input_images", help="held-out tiles (default input_images)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed_precision", default="auto", choices=PRECISIONS,
+                        help="our precision, as Config.mixed_precision (default auto); the reference is always fp32")
     parser.add_argument("--quick", action="store_true", help="a few 64-pixel tiles: checks that everything runs")
     parser.add_argument("--quality", action="store_true", help="train both recipes and compare reconstructions")
     parser.add_argument("--images", type=int, help=f"quality: training images per recipe "

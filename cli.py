@@ -123,11 +123,52 @@ def worker_count(requested):
     return min(requested, cpus)
 
 
-def autocast_dtype(device):
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); None means fp32 (CPU)."""
-    if device.type != "cuda":
+PRECISIONS = ("auto", "bf16", "fp16", "off")
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): only then is bf16 faster than fp32."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or one that renamed the check
+        return False
+
+
+def precision_mode(mode):
+    """Config.mixed_precision, normalised and checked (a UserError names the choices)."""
+    normal = str(mode).strip().lower()
+    if normal not in PRECISIONS:
+        raise UserError(f"mixed_precision={mode!r}: use one of {', '.join(repr(p) for p in PRECISIONS)}")
+    return normal
+
+
+def autocast_dtype(device, mode="auto"):
+    """The torch.autocast dtype for Config.mixed_precision on device; None means plain fp32.
+
+    "auto": bf16 on CUDA GPUs that support it, else fp16 (training adds a GradScaler); bf16 on CPUs with
+    native bf16 instructions; fp32 otherwise. "bf16" / "fp16" force one (fp16 only on CUDA); "off" is fp32.
+    Weights, optimiser state, losses and metrics stay fp32 in every mode."""
+    mode = precision_mode(mode)
+    on_gpu = device.type == "cuda"
+    if mode == "off":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if mode == "fp16":
+        if not on_gpu:
+            raise UserError("mixed_precision='fp16' needs a CUDA GPU; on the CPU use 'bf16', 'auto' or 'off'")
+        return torch.float16
+    if mode == "bf16":
+        if on_gpu and not torch.cuda.is_bf16_supported():
+            raise UserError(f"mixed_precision='bf16': {torch.cuda.get_device_name(device)} has no bf16; "
+                            "use 'fp16', 'auto' or 'off'")
+        return torch.bfloat16
+    if on_gpu:
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+
+
+def precision_name(amp_dtype):
+    """How logs and workbooks name the precision autocast_dtype chose."""
+    return "fp32" if amp_dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
 
 
 def check_writable(folder):

@@ -19,9 +19,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import checkpoint_io
-from Auto_encoder import DOWNSAMPLING, AutoEncoder
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, fold_batchnorm
 from Dataset import ImageFolder, SkipLog, collate
-from cli import UserError, autocast_dtype, check_writable, load_config, run_main, select_device, worker_count
+from cli import (UserError, autocast_dtype, check_writable, load_config, precision_mode, precision_name, run_main,
+                 select_device, worker_count)
 from metrics import per_image
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
@@ -29,10 +30,11 @@ _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix
 
 
 def load_model(path, device):
-    """An AutoEncoder in eval mode with the weights of path (any checkpoint layout we accept)."""
+    """An AutoEncoder for inference with the weights of path (any checkpoint layout we accept), its
+    BatchNorm layers folded into the convolutions."""
     model = AutoEncoder()
     checkpoint_io.load_weights(model, path)
-    return model.to(device, memory_format=torch.channels_last).eval()
+    return fold_batchnorm(model).to(device, memory_format=torch.channels_last)
 
 
 def check_settings(cfg):
@@ -41,22 +43,22 @@ def check_settings(cfg):
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
     if cfg.batch_size_test < 1:
         raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
+    precision_mode(cfg.mixed_precision)
 
 
 @torch.inference_mode()
-def run_model(method, images, device):
-    """uint8 N x 3 x H x W tiles -> (their float [0, 1] channels_last tensor, method of it in float32), with
-    mixed precision on CUDA: the one way every script feeds tiles to the network outside training."""
+def run_model(method, images, device, amp_dtype=None):
+    """uint8 N x 3 x H x W tiles -> (their float [0, 1] channels_last tensor, method of it in float32), under
+    autocast to amp_dtype (None: fp32): the one way every script feeds tiles to the network outside training."""
     x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(device)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return x, method(x).float()
 
 
 @torch.inference_mode()
-def reconstruct(model, images, device):
+def reconstruct(model, images, device, amp_dtype=None):
     """uint8 N x 3 x H x W tiles -> (float [0, 1] originals, float [0, 1] reconstructions, metrics dict)."""
-    x, recon = run_model(model, images, device)
+    x, recon = run_model(model, images, device, amp_dtype)
     recon = recon.clamp_(0, 1)
     return x, recon, per_image(recon, x)
 
@@ -144,7 +146,7 @@ def _text_cell(cell, value):
     cell.data_type = "s"
 
 
-def write_workbook(path, rows, skipped, model_path, folder):
+def write_workbook(path, rows, skipped, model_path, folder, precision="fp32"):
     """Metrics sheet (Image Path | MSE | PSNR | SSIM), Summary sheet and Skipped sheet, written atomically."""
     book = openpyxl.Workbook()
     sheet = book.active
@@ -165,6 +167,7 @@ def write_workbook(path, rows, skipped, model_path, folder):
     for key, value in (("Model", model_path), ("Image folder", folder)):
         summary.append([key, None])
         _text_cell(summary.cell(row=summary.max_row, column=2), str(value))
+    summary.append(["Precision", precision])
     summary.append(["Images evaluated", len(rows)])
     summary.append(["Files skipped", len(skipped)])
     summary.column_dimensions["A"].width = 18
@@ -196,11 +199,13 @@ def evaluate(cfg, loss_name):
     check_writable(os.path.dirname(workbook_path))
     dataset = ImageFolder(cfg.folder_path_test, cfg.tile_size)
     device = select_device(cfg.GPUs)
+    amp_dtype = autocast_dtype(device, cfg.mixed_precision)
     model = load_model(model_path, device)
     names = comparison_names(dataset.paths, cfg.folder_path_test)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=worker_count(cfg.num_workers),
                                          collate_fn=collate, pin_memory=device.type == "cuda")
-    print(f"Evaluating {model_path} on {len(dataset)} files from {cfg.folder_path_test} on {device}.")
+    print(f"Evaluating {model_path} on {len(dataset)} files from {cfg.folder_path_test} on {device} "
+          f"in {precision_name(amp_dtype)}.")
 
     rows, skips, pending = [], SkipLog(), []
     # PNG encoding runs in threads (PIL releases the GIL there) while the next batch goes through the model.
@@ -211,7 +216,7 @@ def evaluate(cfg, loss_name):
             skips.add(skipped)
             if not paths:
                 continue
-            _, recon, metrics = reconstruct(model, images, device)
+            _, recon, metrics = reconstruct(model, images, device, amp_dtype)
             recon_u8 = recon.mul(255).round_().to(torch.uint8).cpu()
             values = {name: metrics[name].cpu().tolist() for name in METRIC_NAMES}
             for i, path in enumerate(paths):
@@ -225,7 +230,8 @@ def evaluate(cfg, loss_name):
     if not rows:
         raise UserError(f"none of the {len(dataset)} files in {cfg.folder_path_test!r} could be read as an image "
                         "(see the warnings above); nothing was written")
-    write_workbook(workbook_path, rows, skips.skipped, model_path, cfg.folder_path_test)
+    write_workbook(workbook_path, rows, skips.skipped, model_path, cfg.folder_path_test,
+                   precision_name(amp_dtype))
     print(f"Evaluated {len(rows)} images; {skips.summary()}.")
     for name in METRIC_NAMES:
         values = np.array([row[name] for row in rows])

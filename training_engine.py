@@ -25,7 +25,8 @@ import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import UserError, autocast_dtype, check_writable, gpu_ids, load_config, run_main, select_device, worker_count
+from cli import (UserError, autocast_dtype, check_writable, gpu_ids, load_config, precision_mode, precision_name,
+                 run_main, select_device, worker_count)
 from evaluation_engine import reconstruct
 from metrics import LOSSES
 
@@ -45,6 +46,7 @@ def validate(cfg):
                         f"no larger than tile_size={cfg.tile_size}")
     if cfg.lr_schedule not in ("constant", "cosine"):
         raise UserError(f"lr_schedule={cfg.lr_schedule!r}: use 'constant' or 'cosine'")
+    precision_mode(cfg.mixed_precision)
     if not 0 <= cfg.val_fraction < 1:
         raise UserError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
 
@@ -177,13 +179,13 @@ def split_indices(count, val_fraction, seed):
 
 
 @torch.no_grad()
-def validation_metrics(model, loader, device, ddp):
+def validation_metrics(model, loader, device, ddp, amp_dtype):
     """Mean MSE, PSNR and SSIM of the validation tiles (whole tiles, no augmentation), over all ranks."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for images, _, _ in loader:
         if len(images):
-            _, _, metrics = reconstruct(model, images, device)
+            _, _, metrics = reconstruct(model, images, device, amp_dtype)
             sums += torch.stack([metrics["MSE"].sum(), metrics["PSNR"].sum(), metrics["SSIM"].sum(),
                                  torch.tensor(float(len(images)), device=device)]).double()
     ddp.sum(sums)
@@ -281,7 +283,7 @@ def train(cfg, loss_name):
             say("sync_batchnorm ignored: PyTorch synchronises BatchNorm only between GPUs; "
                 "each CPU process keeps its own statistics.")
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    amp_dtype = autocast_dtype(device)
+    amp_dtype = autocast_dtype(device, cfg.mixed_precision)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = LOSSES[loss_name]
 
@@ -337,7 +339,8 @@ def train(cfg, loss_name):
     skips = SkipLog() if ddp.main else SkipLog.quiet()
     images_seen = int(history[-1]["Images_Seen"]) if history and history[-1].get("Images_Seen") else 0
     say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
-        f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''}, {loss_name.upper()} loss, "
+        f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
+        f"{loss_name.upper()} loss, "
         f"epochs {start_epoch}..{cfg.num_epochs}.")
 
     def snapshot(epoch, step, total, seen, aug_gen, seconds):
@@ -400,7 +403,8 @@ def train(cfg, loss_name):
                     raise UserError(f"no readable images in {cfg.folder_path_train!r} ({skips.summary()}): "
                                     "check the folder holds image tiles")
                 average = (sums[0] / sums[1]).item()
-                val = validation_metrics(raw_model, val_loader, device, ddp) if val_loader is not None else None
+                val = (validation_metrics(raw_model, val_loader, device, ddp, amp_dtype)
+                       if val_loader is not None else None)
                 if not ddp.main:
                     continue
                 val_note = (f", Validation MSE {val['MSE']:.6f} PSNR {val['PSNR']:.2f} dB SSIM {val['SSIM']:.4f}"

@@ -1,7 +1,9 @@
 """--key=value overrides of Config.py: type checking, helpful errors, and how the scripts report them."""
 import pytest
+import torch
 
 import Config
+import cli
 from cli import UserError, _config_values, load_config
 
 
@@ -100,3 +102,32 @@ def test_script_with_bad_override_exits_2_with_one_line(run_script, tmp_path, sc
     for name in names:
         assert name in lines[0]
     assert list(tmp_path.iterdir()) == []  # rejected before anything was written
+
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native):
+    monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: native)
+    assert cli.autocast_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
+    assert cli.precision_name(cli.autocast_dtype(CPU, "auto")) == ("bf16" if native else "fp32")
+
+
+def test_explicit_precisions_on_cpu():
+    assert cli.autocast_dtype(CPU, "off") is None
+    assert cli.autocast_dtype(CPU, " BF16 ") == torch.bfloat16  # forced, even where it would be emulated
+    with pytest.raises(UserError, match="fp16.*CUDA"):
+        cli.autocast_dtype(CPU, "fp16")
+    with pytest.raises(UserError, match="mixed_precision='half'.*'auto'"):
+        cli.autocast_dtype(CPU, "half")
+
+
+def test_bad_precision_stops_a_script_before_work(run_script, tmp_path):
+    result = run_script("Evaluation_MSE.py", "--mixed_precision=fp8", "--GPUs=cpu",
+                        f"--recon_output_mse={tmp_path}/r/", f"--reconstruction_metrics_mse={tmp_path}/m.xlsx",
+                        cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: mixed_precision='fp8': use one of 'auto', 'bf16', 'fp16', 'off'"]
+    assert not (tmp_path / "m.xlsx").exists()

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+import checkpoint_io
 import evaluation_engine
 from Auto_encoder import AutoEncoder
 from Dataset import find_images, load_image
-from cli import UserError, load_config
+from cli import UserError, autocast_dtype, load_config
 from conftest import REPO, SAMPLE_TILES, tile_array
 
 TILE = 64
@@ -36,14 +37,15 @@ def agrees(value, reference, name):
     return value == pytest.approx(reference, abs=TOL) if name == "SSIM" else value == pytest.approx(reference, rel=1e-5)
 
 
-def model_output(model_path, image_paths, tile_size):
+def model_output(model_path, image_paths, tile_size, precision="off"):
     """uint8 originals, float originals and the model's float reconstructions, computed here without the
-    evaluation loop: the tiles as Dataset decodes them, straight through the loaded network."""
+    evaluation loop: the tiles as Dataset decodes them, straight through the loaded network (one batch)."""
     images = torch.stack([load_image(str(p), tile_size) for p in image_paths])
     model = evaluation_engine.load_model(str(model_path), torch.device("cpu"))
     originals = images.float() / 255
-    with torch.no_grad():
-        reconstructions = model(originals).clamp(0, 1)
+    amp_dtype = autocast_dtype(torch.device("cpu"), precision)
+    with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        reconstructions = model(originals.contiguous(memory_format=torch.channels_last)).float().clamp(0, 1)
     return images, originals, reconstructions
 
 
@@ -64,7 +66,7 @@ def summary_rows(sheets):
 def eval_args(folder, model, out, batch, loss="mse"):
     return [f"--folder_path_test={folder}", f"--model_path_{loss}={model}", f"--recon_output_{loss}={out}/recon/",
             f"--reconstruction_metrics_{loss}={out}/metrics.xlsx", f"--tile_size={TILE}", "--num_workers=0",
-            "--GPUs=cpu", f"--batch_size_test={batch}"]
+            "--GPUs=cpu", f"--batch_size_test={batch}", "--mixed_precision=off"]
 
 
 def assert_succeeded(result):
@@ -140,6 +142,7 @@ def test_evaluation_outputs(workdir, model_path, run_script):
         assert std == pytest.approx(values.std(ddof=1), abs=1e-9)
         assert (low, high) == (pytest.approx(values.min()), pytest.approx(values.max()))
     assert summary["Model"][0] == str(model_path)
+    assert summary["Precision"][0] == "fp32"
 
     skipped = sheets["Skipped"]
     assert skipped[0][:2] == ["Path", "Reason"]
@@ -147,14 +150,31 @@ def test_evaluation_outputs(workdir, model_path, run_script):
     assert skipped[1][1]
 
 
+def test_bf16_evaluation_stays_close_to_fp32(workdir, model_path, monkeypatch):
+    """mixed_precision=bf16 (what "auto" picks on a CPU with native bf16) changes the metrics only in
+    the last digits that matter, and the workbook says which precision produced them."""
+    monkeypatch.chdir(workdir)
+    results = {}
+    for precision in ("off", "bf16"):
+        args = eval_args("tiles", model_path, f"out_{precision}", 4)[:-1] + [f"--mixed_precision={precision}"]
+        results[precision] = evaluation_engine.evaluate(load_config(args), "mse")
+        summary = summary_rows(read_workbook(workdir / f"out_{precision}" / "metrics.xlsx"))
+        assert summary["Precision"][0] == ("fp32" if precision == "off" else "bf16")
+    assert [row["Image Path"] for row in results["off"]] == [row["Image Path"] for row in results["bf16"]]
+    differences = {name: max(abs(a[name] - b[name]) for a, b in zip(results["off"], results["bf16"]))
+                   for name in METRICS}
+    assert 0 < differences["PSNR"] < 0.1  # bf16 really ran, and stayed within a tenth of a dB
+    assert differences["SSIM"] < 2e-3
+
+
 def test_batch_size_is_honoured(workdir, model_path, monkeypatch):
     """Batches of 3 and of 32 files reach the model as such (less the broken file) and give the same numbers."""
     sizes = []
     reconstruct = evaluation_engine.reconstruct
 
-    def recording(model, images, device):
+    def recording(model, images, device, amp_dtype):
         sizes.append(len(images))
-        return reconstruct(model, images, device)
+        return reconstruct(model, images, device, amp_dtype)
 
     monkeypatch.setattr(evaluation_engine, "reconstruct", recording)
     monkeypatch.chdir(workdir)
@@ -200,17 +220,23 @@ def test_checkpoint_layouts_load(tmp_path, model_path, name):
     saved, expected = layout(name, state)
     path = tmp_path / f"{name}.pth"
     torch.save(saved, path)
-    model = evaluation_engine.load_model(str(path), torch.device("cpu"))
-    loaded = model.state_dict()
+    weights = AutoEncoder()
+    checkpoint_io.load_weights(weights, str(path))
+    loaded = weights.state_dict()
     assert list(loaded) == list(state)
     for key, value in expected.items():
         assert loaded[key].dtype == state[key].dtype
         assert torch.equal(loaded[key], value.to(state[key].dtype)), key
+
+    # The inference model (BatchNorm folded into the convolutions) computes what the plain network does.
+    model = evaluation_engine.load_model(str(path), torch.device("cpu"))
     assert not model.training
-    x = torch.rand(1, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    reference = AutoEncoder()
+    reference.load_state_dict(state)
+    x = torch.rand(2, 3, TILE, TILE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        reference = evaluation_engine.load_model(str(model_path), torch.device("cpu"))(x)
-        assert torch.allclose(model(x), reference, atol=1e-2 if "float16" in name else 1e-6)
+        assert torch.allclose(model(x), reference.eval()(x), atol=1e-2 if "float16" in name else 1e-5)
 
 
 def test_checkpoint_with_extra_keys_is_refused(tmp_path, model_path):
@@ -256,9 +282,13 @@ def test_shipped_defaults_on_sample_tiles(tmp_path, run_script):
     assert summary_rows(sheets)["SSIM"][0] == 16
     assert summary_rows(sheets)["Model"][0] == "sample_models/model_auto_encoder_reconstruction_ssim.pth"
 
+    # Metrics of the network's output at the precision the workbook names ("auto": bf16 on a CPU with
+    # native bf16, else fp32), all 16 tiles in one batch as batch_size_test=32 feeds them.
+    precision = summary_rows(sheets)["Precision"][0]
+    assert precision in ("fp32", "bf16")
     model = REPO / "sample_models" / "model_auto_encoder_reconstruction_ssim.pth"
-    images, originals, reconstructions = model_output(model, tiles[:3], 256)
-    for i in range(3):
+    images, originals, reconstructions = model_output(model, tiles, 256, "off" if precision == "fp32" else precision)
+    for i in range(16):
         reference = reference_metrics(as_array(originals[i]), as_array(reconstructions[i]))
         for name in METRICS:
             assert agrees(rows[i][name], reference[name], name), (rows[i]["Image Path"], name)

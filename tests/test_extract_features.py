@@ -13,7 +13,7 @@ from PIL import Image
 import Extract_Features
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
-from cli import load_config
+from cli import autocast_dtype, load_config
 from conftest import REPO, script_env, tile_array
 from evaluation_engine import load_model
 
@@ -101,10 +101,12 @@ def test_npy_paths_and_csv_agree_with_direct_embed(workspace, first_run):
     lines = (workspace / "out" / "features_paths.txt").read_text().splitlines()
     assert lines == list(table["File_Path"])
 
+    # The run used Config's mixed_precision ("auto": bf16 on a CPU with native bf16, else fp32); so does this.
+    amp_dtype = autocast_dtype(torch.device("cpu"), "auto")
     model = load_model(str(workspace / "model.pth"), torch.device("cpu"))
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
         x = torch.stack([load_image(str(workspace / p), TILE) for p in lines]).float() / 255
-        direct = model.embed(x).numpy()
+        direct = model.embed(x.contiguous(memory_format=torch.channels_last)).float().numpy()
     np.testing.assert_allclose(array, direct, rtol=1e-5, atol=1e-5)
 
 

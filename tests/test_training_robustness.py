@@ -137,10 +137,16 @@ def uninterrupted(long_tiles, tmp_path_factory):
 
 
 @pytest.mark.parametrize("extra", [[], ["--augment=true", "--tile_size=64", "--train_crop_size=32",
-                                         "--val_fraction=0.25"]], ids=["plain", "augment-crop-validation"])
+                                         "--val_fraction=0.25"], ["--mixed_precision=off"], ["--mixed_precision=bf16"]],
+                         ids=["plain", "augment-crop-validation", "fp32", "bf16"])
 def test_resume_is_exact(small_tiles, tmp_path, capsys, extra):
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(small_tiles, straight, 4, "--save_interval=2", *extra)
+    if extra and extra[0].startswith("--mixed_precision"):
+        precision = "fp32" if extra[0].endswith("off") else "bf16"
+        assert f"in {precision}, MSE loss" in capsys.readouterr().out
+        state = torch.load(straight / "checkpoints" / "Model_AE_epoch_002.pth", weights_only=True)
+        assert all(v.dtype == torch.float32 for v in state["model_state_dict"].values() if v.is_floating_point())
     assert epochs_of(train(small_tiles, split, 2, "--save_interval=2", *extra)) == [1, 2]
     capsys.readouterr()
     train(small_tiles, split, 4, "--save_interval=2", *extra)
@@ -338,7 +344,8 @@ def test_validation_split_metrics_and_best_model(small_tiles, tmp_path, monkeypa
         return real(output, target)
 
     monkeypatch.setitem(metrics.LOSSES, "mse", recording_loss)
-    train(small_tiles, tmp_path, 3, "--val_fraction=0.25", "--save_interval=1")
+    # fp32, so that the logged validation metrics can be recomputed exactly from the checkpoints below.
+    train(small_tiles, tmp_path, 3, "--val_fraction=0.25", "--save_interval=1", "--mixed_precision=off")
     rows = read_rows(tmp_path / "loss.csv")
     assert epochs_of(rows) == [1, 2, 3]
 
