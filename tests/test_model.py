@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
+from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder, fold_batchnorm
 
 ENCODER_CHANNELS = [(3, 32), (32, 64), (64, 128), (128, 256), (256, 512), (512, 512)]
 DECODER_CHANNELS = [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]
@@ -113,3 +113,26 @@ def test_side_not_multiple_of_32_is_value_error(model, shape):
 def test_wrong_layout_is_value_error(model, shape):
     with pytest.raises(ValueError, match="N x 3 x H x W"):
         model(torch.rand(shape))
+
+
+def test_fold_batchnorm_computes_the_same_function():
+    """With trained-looking BatchNorm statistics and affine parameters, the folded copy matches the eval-mode
+    network, has no BatchNorm left, and the original keeps its layers and weights."""
+    torch.manual_seed(1)
+    model = AutoEncoder()
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.2, 3.0)
+            layer.weight.data.uniform_(0.5, 1.5)
+            layer.bias.data.uniform_(-0.2, 0.2)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 11
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), model(x), atol=1e-5)
+        assert torch.allclose(folded.embed(x), model.embed(x), rtol=1e-4, atol=1e-5)

@@ -63,7 +63,7 @@ import torch
 
 import Config
 from Dataset import ImageFolder, SkipLog, collate
-from cli import select_device
+from cli import autocast_dtype, precision_name, select_device
 from evaluation_engine import load_model, reconstruct
 
 # Reconstructing a whole folder is a job for Evaluation_*.py; beyond this many tiles the notebook only
@@ -73,11 +73,12 @@ FOLDER_AVERAGE_LIMIT = 256
 if not os.path.isfile(model_path):
     raise FileNotFoundError(f"model_path {model_path!r} not found in {os.getcwd()}: set model_path in the first code cell")
 device = select_device(Config.GPUs)
+amp_dtype = autocast_dtype(device, Config.mixed_precision)  # as the Evaluation scripts
 model = load_model(model_path, device)
 dataset = ImageFolder(image_folder, tile_size)
 loader = torch.utils.data.DataLoader(dataset, batch_size=max_images, collate_fn=collate)
 whole_folder = len(dataset) <= FOLDER_AVERAGE_LIMIT
-print(f"Model {model_path} on {device}; {len(dataset)} image files in {image_folder}.")
+print(f"Model {model_path} on {device} in {precision_name(amp_dtype)}; {len(dataset)} image files in {image_folder}.")
 
 skips = SkipLog()
 shown = []  # (path, original, reconstruction, {metric: value}) of the tiles drawn below
@@ -86,7 +87,7 @@ for images, paths, skipped in loader:
     skips.add(skipped)
     if not paths:
         continue
-    originals, reconstructions, metrics = reconstruct(model, images, device)
+    originals, reconstructions, metrics = reconstruct(model, images, device, amp_dtype)
     values = {name: metrics[name].cpu().tolist() for name in folder_metrics}
     for name in folder_metrics:
         folder_metrics[name] += values[name]
