@@ -279,7 +279,9 @@ def data_pipeline_row(paths, plan):
 def device_rows(device, plan, paths, model_path, work_dir, notes):
     """Sections 1b to 4 on one device."""
     on_gpu = device.type == "cuda"
-    amp_dtype = autocast_dtype(device, plan.precision)
+    train_dtype = autocast_dtype(device, plan.precision, training=True)
+    amp_dtype = autocast_dtype(device, plan.precision)  # inference
+    train_label = f"{device.type}, ours in {precision_name(train_dtype)}"
     label = f"{device.type}, ours in {precision_name(amp_dtype)}"
     warmups = 3 if on_gpu else 1  # cuDNN picks its kernels over the first calls
     steps = 20 if on_gpu else plan.steps
@@ -301,10 +303,10 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     seed_everything(plan.seed)
     model = our_model(state, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=train_dtype == torch.float16)
     generator = torch.Generator().manual_seed(plan.seed)
     our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device, generator,
-                                                          amp_dtype),
+                                                          train_dtype),
                            plan.batch, device, min_calls=steps, warmups=warmups)
     del model, optimizer
 
@@ -313,9 +315,9 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
                          min_calls=3, min_seconds=plan.min_seconds, warmups=warmups)
     share = our_train / augment
     size = f"{plan.tile} px, batch {plan.batch}"
-    rows = [[f"1b. batched augmentation, share of our training step ({size}, {label})", "-", f"{augment:.2f}",
+    rows = [[f"1b. batched augmentation, share of our training step ({size}, {train_label})", "-", f"{augment:.2f}",
              f"{share:.1%}", "<= 10%", "yes" if share <= 0.10 else "no"],
-            speedup_row(f"2. training ({size}, {label})", reference_train, our_train, 5 if on_gpu else 1.4)]
+            speedup_row(f"2. training ({size}, {train_label})", reference_train, our_train, 5 if on_gpu else 1.4)]
 
     gpus = "0" if on_gpu else "cpu"
     n = len(paths)
@@ -474,7 +476,8 @@ def quality(args):
     schedule = types.SimpleNamespace(lr_schedule="cosine", num_epochs=steps, learning_rate=args.lr)
     seed_everything(args.seed)
     state = AutoEncoder().state_dict()
-    amp_dtype = autocast_dtype(device, args.mixed_precision)
+    amp_dtype = autocast_dtype(device, args.mixed_precision, training=True)
+    eval_dtype = autocast_dtype(device, args.mixed_precision)
     recipes = [
         f"- Reference: per-image PIL chain on the CPU (Resize {TILE}, RandomCrop {args.crop}, rotation +-45, "
         "flips, affine, colour jitter, blur, ImageNet Normalize); normalised inputs and targets through the "
@@ -513,7 +516,7 @@ def quality(args):
     our_seconds = time.perf_counter() - start
 
     means = {"reference": reference_scores(reference.eval(), test_paths, device),
-             "ours": our_scores(ours.eval(), test_paths, device, amp_dtype)}
+             "ours": our_scores(ours.eval(), test_paths, device, eval_dtype)}
     gain = means["ours"]["PSNR"] - means["reference"]["PSNR"]
     table = markdown_table(
         ["recipe", "training images", "training s", "PSNR (dB)", "SSIM (windowed)", "MSE"],

@@ -142,12 +142,13 @@ def precision_mode(mode):
     return normal
 
 
-def autocast_dtype(device, mode="auto"):
+def autocast_dtype(device, mode="auto", training=False):
     """The torch.autocast dtype for Config.mixed_precision on device; None means plain fp32.
 
-    "auto": bf16 on CUDA GPUs that support it, else fp16 (training adds a GradScaler); bf16 on CPUs with
-    native bf16 instructions; fp32 otherwise. "bf16" / "fp16" force one (fp16 only on CUDA); "off" is fp32.
-    Weights, optimiser state, losses and metrics stay fp32 in every mode."""
+    "auto": on CUDA, bf16 where the GPU supports it, else fp16 (training adds a GradScaler); on a CPU,
+    bf16 for training when the CPU computes bf16 natively, and fp32 for inference, so that metric
+    workbooks and features are the same on every CPU. "bf16" / "fp16" force one everywhere (fp16 only
+    on CUDA); "off" is fp32. Weights, optimiser state, losses and metrics stay fp32 in every mode."""
     mode = precision_mode(mode)
     on_gpu = device.type == "cuda"
     if mode == "off":
@@ -163,7 +164,7 @@ def autocast_dtype(device, mode="auto"):
         return torch.bfloat16
     if on_gpu:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+    return torch.bfloat16 if training and device.type == "cpu" and cpu_has_native_bf16() else None
 
 
 def precision_name(amp_dtype):

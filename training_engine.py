@@ -283,7 +283,7 @@ def train(cfg, loss_name):
             say("sync_batchnorm ignored: PyTorch synchronises BatchNorm only between GPUs; "
                 "each CPU process keeps its own statistics.")
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    amp_dtype = autocast_dtype(device, cfg.mixed_precision)
+    amp_dtype = autocast_dtype(device, cfg.mixed_precision, training=True)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     loss_fn = LOSSES[loss_name]
 

@@ -108,15 +108,17 @@ CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_on_cpu_follows_native_bf16(monkeypatch, native):
+def test_auto_precision_on_cpu_trains_in_native_bf16_and_infers_in_fp32(monkeypatch, native):
     monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: native)
-    assert cli.autocast_dtype(CPU, "auto") == (torch.bfloat16 if native else None)
-    assert cli.precision_name(cli.autocast_dtype(CPU, "auto")) == ("bf16" if native else "fp32")
+    assert cli.autocast_dtype(CPU, "auto", training=True) == (torch.bfloat16 if native else None)
+    assert cli.precision_name(cli.autocast_dtype(CPU, "auto", training=True)) == ("bf16" if native else "fp32")
+    assert cli.autocast_dtype(CPU, "auto") is None
 
 
 def test_explicit_precisions_on_cpu():
     assert cli.autocast_dtype(CPU, "off") is None
-    assert cli.autocast_dtype(CPU, " BF16 ") == torch.bfloat16  # forced, even where it would be emulated
+    for training in (True, False):  # forced, for inference too, even where it would be emulated
+        assert cli.autocast_dtype(CPU, " BF16 ", training=training) == torch.bfloat16
     with pytest.raises(UserError, match="fp16.*CUDA"):
         cli.autocast_dtype(CPU, "fp16")
     with pytest.raises(UserError, match="mixed_precision='half'.*'auto'"):

@@ -151,8 +151,8 @@ def test_evaluation_outputs(workdir, model_path, run_script):
 
 
 def test_bf16_evaluation_stays_close_to_fp32(workdir, model_path, monkeypatch):
-    """mixed_precision=bf16 (what "auto" picks on a CPU with native bf16) changes the metrics only in
-    the last digits that matter, and the workbook says which precision produced them."""
+    """mixed_precision=bf16 (what "auto" picks on most GPUs) changes the metrics only in the last digits
+    that matter, and the workbook says which precision produced them."""
     monkeypatch.chdir(workdir)
     results = {}
     for precision in ("off", "bf16"):
@@ -282,8 +282,8 @@ def test_shipped_defaults_on_sample_tiles(tmp_path, run_script):
     assert summary_rows(sheets)["SSIM"][0] == 16
     assert summary_rows(sheets)["Model"][0] == "sample_models/model_auto_encoder_reconstruction_ssim.pth"
 
-    # Metrics of the network's output at the precision the workbook names ("auto": bf16 on a CPU with
-    # native bf16, else fp32), all 16 tiles in one batch as batch_size_test=32 feeds them.
+    # Metrics of the network's output at the precision the workbook names ("auto": fp32 on a CPU, bf16 on
+    # most GPUs), all 16 tiles in one batch as batch_size_test=32 feeds them.
     precision = summary_rows(sheets)["Precision"][0]
     assert precision in ("fp32", "bf16")
     model = REPO / "sample_models" / "model_auto_encoder_reconstruction_ssim.pth"

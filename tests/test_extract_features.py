@@ -101,7 +101,7 @@ def test_npy_paths_and_csv_agree_with_direct_embed(workspace, first_run):
     lines = (workspace / "out" / "features_paths.txt").read_text().splitlines()
     assert lines == list(table["File_Path"])
 
-    # The run used Config's mixed_precision ("auto": bf16 on a CPU with native bf16, else fp32); so does this.
+    # The run used Config's mixed_precision ("auto": fp32 for inference on a CPU); so does this.
     amp_dtype = autocast_dtype(torch.device("cpu"), "auto")
     model = load_model(str(workspace / "model.pth"), torch.device("cpu"))
     with torch.inference_mode(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder, fold_batchnorm
+from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder, for_inference
 
 ENCODER_CHANNELS = [(3, 32), (32, 64), (64, 128), (128, 256), (256, 512), (512, 512)]
 DECODER_CHANNELS = [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]
@@ -115,9 +115,9 @@ def test_wrong_layout_is_value_error(model, shape):
         model(torch.rand(shape))
 
 
-def test_fold_batchnorm_computes_the_same_function():
-    """With trained-looking BatchNorm statistics and affine parameters, the folded copy matches the eval-mode
-    network, has no BatchNorm left, and the original keeps its layers and weights."""
+def test_for_inference_computes_the_same_function():
+    """With trained-looking BatchNorm statistics and affine parameters, the inference copy matches the
+    eval-mode network, has no BatchNorm left, and the original keeps its layers, weights and activations."""
     torch.manual_seed(1)
     model = AutoEncoder()
     for layer in model.modules():
@@ -128,8 +128,10 @@ def test_fold_batchnorm_computes_the_same_function():
             layer.bias.data.uniform_(-0.2, 0.2)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    folded = fold_batchnorm(model)
+    folded = for_inference(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert all(m.inplace for m in folded.modules() if isinstance(m, nn.LeakyReLU))
+    assert not any(m.inplace for m in model.modules() if isinstance(m, nn.LeakyReLU))
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 11
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     x = torch.rand(2, 3, 64, 64)
