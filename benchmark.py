@@ -306,7 +306,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     scaler = torch.amp.GradScaler("cuda", enabled=train_dtype == torch.float16)
     generator = torch.Generator().manual_seed(plan.seed)
     our_train = throughput(lambda: our_train_step(model, optimizer, scaler, batch_paths, plan.tile, device, generator,
-                                                          train_dtype),
+                                                  train_dtype),
                            plan.batch, device, min_calls=steps, warmups=warmups)
     del model, optimizer
 
@@ -443,7 +443,7 @@ def speed(args):
              "- Ours, evaluation and features: evaluation_engine.evaluate and Extract_Features.extract_features "
              "end to end (model load, decode, forward, metrics, PNGs, workbook / CSV, .npy, PCA plot), timed "
              "with num_workers 0 and 2; the faster is reported.",
-             "- 3b and 4 put the forward-only / encoder-only rate (the same inference model, BatchNorm folded, "
+             "- 3b and 4 put the forward-only / encoder-only rate (the same inference model, for_inference, "
              f"in the same precision, on the decoded tiles, batches of {plan.batch}, no I/O) in the reference "
              "column.",
              *notes]
@@ -476,7 +476,7 @@ def quality(args):
     schedule = types.SimpleNamespace(lr_schedule="cosine", num_epochs=steps, learning_rate=args.lr)
     seed_everything(args.seed)
     state = AutoEncoder().state_dict()
-    amp_dtype = autocast_dtype(device, args.mixed_precision, training=True)
+    train_dtype = autocast_dtype(device, args.mixed_precision, training=True)
     eval_dtype = autocast_dtype(device, args.mixed_precision)
     recipes = [
         f"- Reference: per-image PIL chain on the CPU (Resize {TILE}, RandomCrop {args.crop}, rotation +-45, "
@@ -484,7 +484,7 @@ def quality(args):
         f"Sigmoid; fp32 NCHW; Adam lr {REFERENCE_LR:g} constant, weight decay {WEIGHT_DECAY:g}; batch {BATCH}. "
         "Evaluated as the reference does: un-normalised [0, 1] tiles in, Sigmoid output compared with them.",
         f"- Ours: uint8 decode, prepare_batch(crop {args.crop}, augment {'on' if args.augment else 'off'}); "
-        f"[0, 1] inputs and targets (normalisation inside the model); channels_last, {precision_name(amp_dtype)}; "
+        f"[0, 1] inputs and targets (normalisation inside the model); channels_last, {precision_name(train_dtype)}; "
         f"Adam lr {args.lr:g} "
         f"cosine-decayed to 1% over {steps} steps, weight decay {WEIGHT_DECAY:g}; batch {BATCH}. "
         "Evaluated with evaluation_engine.reconstruct.",
@@ -506,13 +506,13 @@ def quality(args):
     seed_everything(args.seed)
     ours = our_model(state, device).train()
     optimizer = torch.optim.Adam(ours.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=train_dtype == torch.float16)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     for step, paths in enumerate(tqdm(batches, desc="our recipe", unit="step", leave=False)):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(schedule, step + 1)
-        our_train_step(ours, optimizer, scaler, paths, TILE, device, generator, amp_dtype, args.crop, args.augment)
+        our_train_step(ours, optimizer, scaler, paths, TILE, device, generator, train_dtype, args.crop, args.augment)
     our_seconds = time.perf_counter() - start
 
     means = {"reference": reference_scores(reference.eval(), test_paths, device),

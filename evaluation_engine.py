@@ -31,8 +31,8 @@ _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix
 
 
 def load_model(path, device):
-    """An AutoEncoder for inference with the weights of path (any checkpoint layout we accept), its
-    BatchNorm layers folded into the convolutions."""
+    """An AutoEncoder for inference with the weights of path (any checkpoint layout we accept): BatchNorm
+    folded into the convolutions, activations in place (Auto_encoder.for_inference)."""
     model = AutoEncoder()
     checkpoint_io.load_weights(model, path)
     return for_inference(model).to(device, memory_format=torch.channels_last)
