@@ -38,7 +38,8 @@ import evaluation_engine
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import PRECISIONS, UserError, autocast_dtype, cpu_has_native_bf16, load_config, precision_name, run_main
+from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_has_native_bf16, load_config, precision_name,
+                 run_main)
 from metrics import LOSSES, per_image
 from training_engine import forward_loss, learning_rate, optimizer_step
 
@@ -351,7 +352,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     @torch.inference_mode()
     def forward(method):
         for chunk in tiles.split(plan.batch):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(device.type, amp_dtype):
                 method(chunk)
 
     forward_only = throughput(lambda: forward(model), n, device, min_seconds=plan.min_seconds, warmups=warmups)

@@ -167,6 +167,11 @@ def autocast_dtype(device, mode="auto", training=False):
     return torch.bfloat16 if training and device.type == "cpu" and cpu_has_native_bf16() else None
 
 
+def autocast(device_type, amp_dtype):
+    """torch.autocast to amp_dtype, or a no-op context for None (fp32): the one way every script enters it."""
+    return torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
 def precision_name(amp_dtype):
     """How logs and workbooks name the precision autocast_dtype chose."""
     return "fp32" if amp_dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]

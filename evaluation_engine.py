@@ -22,8 +22,8 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
 from Dataset import ImageFolder, SkipLog, collate
-from cli import (UserError, autocast_dtype, check_writable, load_config, precision_mode, precision_name, run_main,
-                 select_device, worker_count)
+from cli import (UserError, autocast, autocast_dtype, check_writable, load_config, precision_mode, precision_name,
+                 run_main, select_device, worker_count)
 from metrics import per_image
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
@@ -52,7 +52,7 @@ def run_model(method, images, device, amp_dtype=None):
     """uint8 N x 3 x H x W tiles -> (their float [0, 1] channels_last tensor, method of it in float32), under
     autocast to amp_dtype (None: fp32): the one way every script feeds tiles to the network outside training."""
     x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with autocast(device.type, amp_dtype):
         return x, method(x).float()
 
 

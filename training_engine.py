@@ -25,8 +25,8 @@ import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import (UserError, autocast_dtype, check_writable, gpu_ids, load_config, precision_mode, precision_name,
-                 run_main, select_device, worker_count)
+from cli import (UserError, autocast, autocast_dtype, check_writable, gpu_ids, load_config, precision_mode,
+                 precision_name, run_main, select_device, worker_count)
 from evaluation_engine import reconstruct
 from metrics import LOSSES
 
@@ -236,7 +236,7 @@ class Interrupts:
 def forward_loss(model, images, loss_fn, crop, augment, aug_gen, amp_dtype):
     """uint8 tiles already on the device -> the loss of their reconstruction, exactly as training computes it."""
     batch = prepare_batch(images, crop, augment, aug_gen).contiguous(memory_format=torch.channels_last)
-    with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with autocast(batch.device.type, amp_dtype):
         output = model(batch)
     return loss_fn(output, batch)
 
