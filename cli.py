@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the scripts: Config overrides, one-line errors, device choice."""
 import ast
+import ctypes
 import os
 import sys
 import types
@@ -66,8 +67,39 @@ def load_config(argv=None):
     return types.SimpleNamespace(**values)
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    A forward pass allocates and frees tensors of several MB many times per batch. By default glibc
+    returns most of them to the kernel, and each reuse page-faults the memory back in: on a 2-core CPU that
+    made inference about 25% slower (README, Performance). With these settings the process keeps its peak
+    heap for its lifetime. Skipped off glibc, when KEEP_FREED_MEMORY=0, and when the user has tuned malloc
+    already (GLIBC_TUNABLES, MALLOC_*_ variables, or LD_PRELOAD of another allocator). True if applied.
+    """
+    if not sys.platform.startswith("linux") or os.environ.get("KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    if any(key in os.environ for key in ("GLIBC_TUNABLES", "LD_PRELOAD")) or any(
+            key.startswith("MALLOC_") and key.endswith("_") for key in os.environ):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    # Blocks above 32 MB (the largest threshold glibc accepts) still come from mmap and go back at once.
+    # Trimming off (-1): the heap never shrinks. A 1 GB top pad: the heap grows in large steps; 256 MB
+    # gave back only half of the gain in the measurement.
+    return all(mallopt(option, value) == 1 for option, value in (
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
+
+
 def run_main(main):
-    """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
+    Before it, malloc is set to keep freed memory (keep_freed_memory)."""
+    keep_freed_memory()
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
@@ -116,11 +148,15 @@ def worker_count(requested):
     (more only add start-up time and memory)."""
     if requested < 0:
         raise UserError(f"num_workers={requested} must be 0 or more")
+    return min(requested, cpu_count())
+
+
+def cpu_count():
+    """CPUs this process may use."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS and Windows
-        cpus = os.cpu_count() or 1
-    return min(requested, cpus)
+        return os.cpu_count() or 1
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "off")

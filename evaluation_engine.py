@@ -8,6 +8,7 @@ import functools
 import hashlib
 import math
 import os
+import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +23,8 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
 from Dataset import ImageFolder, SkipLog, collate
-from cli import (UserError, autocast, autocast_dtype, check_writable, load_config, precision_mode, precision_name,
-                 run_main, select_device, worker_count)
+from cli import (UserError, autocast, autocast_dtype, check_writable, cpu_count, load_config, precision_mode,
+                 precision_name, run_main, select_device, worker_count)
 from metrics import per_image
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
@@ -114,32 +115,68 @@ def _fit(draw, text, font, width):
     return text[:keep // 2] + "..." + text[-(keep // 2):]
 
 
+_PAD, _TITLE_H, _CAPTION_H = 10, 44, 24  # pixels around and above / below the tiles
+
+
+@functools.lru_cache(maxsize=4)
+def _template(side):
+    """What a comparison image of side-pixel tiles has whatever the tile: the white canvas with the two
+    headings, and the left edge of the first tile."""
+    width = max(2 * side + 3 * _PAD, 440)
+    canvas = Image.new("RGB", (width, _TITLE_H + side + _CAPTION_H + _PAD), "white")
+    draw = ImageDraw.Draw(canvas)
+    left = (width - 2 * side - _PAD) // 2
+    for i, heading in enumerate(("Original", "Reconstruction")):
+        draw.text((left + i * (side + _PAD) + side / 2, 26), heading, fill="dimgray", font=_font(12), anchor="ma")
+    return canvas, left
+
+
 def comparison_image(original, reconstruction, metrics, label):
     """Original | reconstruction side by side, metrics in the title, the file name below (PIL Image)."""
     side = original.shape[-1]
-    pad, title_h, caption_h = 10, 44, 24
-    width = max(2 * side + 3 * pad, 440)
-    canvas = Image.new("RGB", (width, title_h + side + caption_h + pad), "white")
+    template, left = _template(side)
+    canvas = template.copy()
+    width = canvas.width
     draw = ImageDraw.Draw(canvas)
     title = f"MSE {metrics['MSE']:.5f}   PSNR {metrics['PSNR']:.2f} dB   SSIM {metrics['SSIM']:.4f}"
     font, small = _font(15), _font(12)
-    draw.text((width / 2, 4), _fit(draw, title, font, width - 2 * pad), fill="black", font=font, anchor="ma")
-    left = (width - 2 * side - pad) // 2
-    for i, (tile, heading) in enumerate(((original, "Original"), (reconstruction, "Reconstruction"))):
-        x = left + i * (side + pad)
-        draw.text((x + side / 2, 26), heading, fill="dimgray", font=small, anchor="ma")
-        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (x, title_h))
-    draw.text((width / 2, title_h + side + 6), _fit(draw, label, small, width - 2 * pad),
+    draw.text((width / 2, 4), _fit(draw, title, font, width - 2 * _PAD), fill="black", font=font, anchor="ma")
+    for i, tile in enumerate((original, reconstruction)):
+        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (left + i * (side + _PAD), _TITLE_H))
+    draw.text((width / 2, _TITLE_H + side + 6), _fit(draw, label, small, width - 2 * _PAD),
               fill="black", font=small, anchor="ma")
     return canvas
 
 
+def png_bytes(rgb):
+    """An H x W x 3 uint8 array as the bytes of an 8-bit RGB PNG file.
+
+    Every row gets PNG's Up filter (each byte minus the one above it), and zlib compresses with its
+    run-length strategy at level 1. Pillow's PNG writer tries four filters on every row and has no option to
+    skip that; on comparison images of real tiles that search costs more than the compression, and writing
+    them this way is about 2.4x faster, for files about 4% larger.
+    """
+    height, width, _ = rgb.shape
+    rows = rgb.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # the Up filter; above the first row PNG assumes zeros
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG's filters do
+    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = compressor.compress(filtered) + compressor.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
 def save_comparison(original, reconstruction, metrics, label, out_path):
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    # zlib's run-length strategy at level 1: about a third faster than the default strategy on these
-    # photographs, and no larger.
-    comparison_image(original, reconstruction, metrics, label).save(out_path, compress_level=1,
-                                                                     compress_type=zlib.Z_RLE)
+    data = png_bytes(np.asarray(comparison_image(original, reconstruction, metrics, label)))
+    with open(out_path, "wb") as handle:
+        handle.write(data)
 
 
 def _text_cell(cell, value):
@@ -212,14 +249,20 @@ def evaluate(cfg, loss_name):
           f"in {precision_name(amp_dtype)}.")
 
     rows, skips, pending = [], SkipLog(), []
-    # PNG encoding runs in threads (PIL releases the GIL there) while the next batch goes through the model.
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
     bar = tqdm(loader, desc="Evaluating", unit="batch", dynamic_ncols=True, leave=False)
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    # A batch's PNGs are written by threads (numpy and zlib release the GIL) while the next batch is read,
+    # and are finished before that batch goes through the model: on a CPU, work beside the forward pass
+    # stalls its threads (measured: the forward slowed by about three times the work added), and on a GPU
+    # it keeps the images waiting for their PNG to one batch instead of the whole folder.
+    with ThreadPoolExecutor(max_workers=max(2, min(8, cpu_count()))) as pool:
         for images, paths, skipped in bar:
             skips.add(skipped)
             if not paths:
                 continue
+            for future in pending:
+                future.result()
+            pending = []
             _, recon, metrics = reconstruct(model, images, device, amp_dtype)
             recon_u8 = recon.mul(255).round_().to(torch.uint8).cpu()
             values = {name: metrics[name].cpu().tolist() for name in METRIC_NAMES}
