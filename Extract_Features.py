@@ -53,12 +53,14 @@ def embed_batch(model, images, device, amp_dtype=None):
 def pca_2d(features):
     """(N x 2 scores on the first two principal axes, share of the variance each explains).
 
-    The SVD is of the 512 x 512 scatter matrix of the centred features: the same axes as the SVD of
-    the centred features themselves, with memory that does not grow with the number of tiles."""
+    The axes are the eigenvectors of the 512 x 512 scatter matrix of the centred features: the same axes as
+    the SVD of the centred features themselves, with memory that does not grow with the number of tiles
+    (eigh, for a symmetric matrix, is several times faster than an SVD of it)."""
     data = features.astype(np.float64)
     centred = data - data.mean(axis=0)
-    _, eigenvalues, axes = np.linalg.svd(centred.T @ centred)
-    axes = axes[:2]
+    eigenvalues, vectors = np.linalg.eigh(centred.T @ centred)
+    eigenvalues = eigenvalues[::-1].clip(min=0)  # largest first; rounding can leave tiny negative ones
+    axes = vectors[:, ::-1][:, :2].T
     # An axis's sign is arbitrary; fixing it keeps the plot the same across machines and library versions.
     signs = np.sign(axes[np.arange(len(axes)), np.abs(axes).argmax(axis=1)])
     axes *= np.where(signs == 0, 1.0, signs)[:, None]

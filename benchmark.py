@@ -38,8 +38,8 @@ import evaluation_engine
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_has_native_bf16, load_config, precision_name,
-                 run_main)
+from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_has_native_bf16, keep_freed_memory, load_config,
+                 precision_name, run_main)
 from metrics import LOSSES, per_image
 from training_engine import forward_loss, learning_rate, optimizer_step
 
@@ -264,43 +264,56 @@ def write_report(path, title, sections):
 # ---------------------------------------------------------------------------------------------------
 # Speed
 # ---------------------------------------------------------------------------------------------------
-def data_pipeline_row(paths, plan):
-    """Section 1, on one thread: a DataLoader worker runs torch single-threaded."""
-    transform = reference_train_transform(plan.tile)
-    cpu = torch.device("cpu")
+def data_pipeline_rate(paths, plan, load):
+    """Section 1, on one thread (a DataLoader worker runs torch single-threaded): load(path) per tile."""
     with torch_threads(1):
-        reference = throughput(lambda: [reference_load(path, transform) for path in paths], len(paths), cpu,
-                               min_seconds=plan.min_seconds)
-        ours = throughput(lambda: [load_image(path, plan.tile) for path in paths], len(paths), cpu,
+        return throughput(lambda: [load(path) for path in paths], len(paths), torch.device("cpu"),
                           min_seconds=plan.min_seconds)
-    return speedup_row("1. data pipeline per loader worker (1 thread; ours: decode + resize only)",
-                       reference, ours, 5)
 
 
-def device_rows(device, plan, paths, model_path, work_dir, notes):
-    """Sections 1b to 4 on one device."""
+def fresh_dirs(work_dir, prefix):
+    """A function that makes and returns a new, empty folder under work_dir on each call."""
+    count = itertools.count()
+
+    def new_dir():
+        path = os.path.join(work_dir, f"{prefix}_{next(count)}")
+        os.makedirs(path)
+        return path
+    return new_dir
+
+
+def training_plan(device, plan, paths):
+    """(warm-up calls, timed steps, the batch's tile paths) of the training rates on device."""
+    warmups = 3 if device.type == "cuda" else 1  # cuDNN picks its kernels over the first calls
+    steps = 20 if device.type == "cuda" else plan.steps
+    return warmups, steps, [paths[i % len(paths)] for i in range(plan.batch)]
+
+
+def reference_rates(device, plan, paths, model_path, work_dir):
+    """The reference's training and evaluation rates on one device (sections 2 and 3a)."""
+    warmups, steps, batch_paths = training_plan(device, plan, paths)
+    seed_everything(plan.seed)
+    model = reference_model(torch.load(model_path, map_location="cpu"), device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
+    transform = reference_train_transform(plan.tile)
+    train = throughput(lambda: reference_train_step(model, optimizer, batch_paths, transform, device),
+                       plan.batch, device, min_calls=steps, warmups=warmups)
+    new_dir = fresh_dirs(work_dir, f"reference_{device.type}")
+    evaluate = throughput(lambda: reference_evaluate(model_path, paths, new_dir(), plan.tile, device),
+                          len(paths), device, min_seconds=plan.min_seconds)
+    return {"train": train, "eval": evaluate}
+
+
+def device_rows(device, plan, paths, model_path, work_dir, notes, reference):
+    """Sections 1b to 4 on one device; reference: reference_rates on it."""
     on_gpu = device.type == "cuda"
     train_dtype = autocast_dtype(device, plan.precision, training=True)
     amp_dtype = autocast_dtype(device, plan.precision)  # inference
     train_label = f"{device.type}, ours in {precision_name(train_dtype)}"
     label = f"{device.type}, ours in {precision_name(amp_dtype)}"
-    warmups = 3 if on_gpu else 1  # cuDNN picks its kernels over the first calls
-    steps = 20 if on_gpu else plan.steps
+    warmups, steps, batch_paths = training_plan(device, plan, paths)
     state = torch.load(model_path, map_location="cpu")
-    batch_paths = [paths[i % len(paths)] for i in range(plan.batch)]
-    fresh = itertools.count()
-
-    def new_dir():
-        path = os.path.join(work_dir, f"{device.type}_{next(fresh)}")
-        os.makedirs(path)
-        return path
-
-    seed_everything(plan.seed)
-    model = reference_model(state, device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
-    transform = reference_train_transform(plan.tile)
-    reference_train = throughput(lambda: reference_train_step(model, optimizer, batch_paths, transform, device),
-                                 plan.batch, device, min_calls=steps, warmups=warmups)
+    new_dir = fresh_dirs(work_dir, device.type)
     seed_everything(plan.seed)
     model = our_model(state, device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=REFERENCE_LR, weight_decay=WEIGHT_DECAY)
@@ -318,7 +331,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     size = f"{plan.tile} px, batch {plan.batch}"
     rows = [[f"1b. batched augmentation, share of our training step ({size}, {train_label})", "-", f"{augment:.2f}",
              f"{share:.1%}", "<= 10%", "yes" if share <= 0.10 else "no"],
-            speedup_row(f"2. training ({size}, {train_label})", reference_train, our_train, 5 if on_gpu else 1.4)]
+            speedup_row(f"2. training ({size}, {train_label})", reference["train"], our_train, 5 if on_gpu else 1.4)]
 
     gpus = "0" if on_gpu else "cpu"
     n = len(paths)
@@ -343,8 +356,6 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
         best = max(rates, key=rates.get)
         return rates[best], best, ", ".join(f"num_workers={w}: {r:.2f} img/s" for w, r in rates.items())
 
-    reference_eval = throughput(lambda: reference_evaluate(model_path, paths, new_dir(), plan.tile, device),
-                                n, device, min_seconds=plan.min_seconds)
     our_eval, eval_workers, eval_rates = fastest(our_evaluation)
     model = evaluation_engine.load_model(model_path, device)
     tiles = decoded(paths, plan.tile, device)
@@ -360,7 +371,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes):
     encoder_only = throughput(lambda: forward(model.encode), n, device, min_seconds=plan.min_seconds,
                               warmups=warmups)
     rows += [speedup_row(f"3a. evaluation end to end, {n} tiles ({label}; ours num_workers={eval_workers})",
-                         reference_eval, our_eval, 3),
+                         reference["eval"], our_eval, 3),
              share_row(f"3b. evaluation end to end vs forward-only in the reference column ({label})",
                        forward_only, our_eval, 0.8),
              share_row(f"4. feature extraction vs encoder-only in the reference column ({label}; "
@@ -427,11 +438,20 @@ def speed(args):
         model_path = os.path.join(work_dir, "model.pth")
         torch.save(AutoEncoder().state_dict(), model_path)
         print(f"Benchmarking on {len(paths)} tiles ({plan.copies} copies of those in {args.test_folder}) ...", flush=True)
-        rows = [data_pipeline_row(paths, plan)]
         devices = [torch.device("cpu")] + ([torch.device("cuda", 0)] if torch.cuda.is_available() else [])
+        # The reference runs first, with glibc's malloc as it ships; then malloc is set as our scripts set
+        # it (cli.keep_freed_memory) for everything of ours, forward-only and encoder-only rates included.
+        print("  the reference ...", flush=True)
+        transform = reference_train_transform(plan.tile)
+        reference_data = data_pipeline_rate(paths, plan, lambda path: reference_load(path, transform))
+        references = {device: reference_rates(device, plan, paths, model_path, work_dir) for device in devices}
+        kept = keep_freed_memory()
+        rows = [speedup_row("1. data pipeline per loader worker (1 thread; ours: decode + resize only)",
+                            reference_data, data_pipeline_rate(paths, plan, lambda path: load_image(path, plan.tile)),
+                            5)]
         for device in devices:
-            print(f"  sections 1b-4 on {device.type} ...", flush=True)
-            rows += device_rows(device, plan, paths, model_path, work_dir, notes)
+            print(f"  ours on {device.type} ...", flush=True)
+            rows += device_rows(device, plan, paths, model_path, work_dir, notes, references[device])
     wall = time.perf_counter() - started
     notes = [f"- Wall time of this run: {wall:.0f} s; {load_before} at the start, {load_note()} at the end.",
              f"- Model: a fresh AutoEncoder (seed {args.seed}); weights do not change speed.",
@@ -444,6 +464,10 @@ def speed(args):
              "- Ours, evaluation and features: evaluation_engine.evaluate and Extract_Features.extract_features "
              "end to end (model load, decode, forward, metrics, PNGs, workbook / CSV, .npy, PCA plot), timed "
              "with num_workers 0 and 2; the faster is reported.",
+             "- malloc: the reference ran with glibc's defaults; ours, forward-only and encoder-only with the "
+             "setting every script of ours applies (cli.keep_freed_memory: freed memory kept for reuse) "
+             + ("applied." if kept else "NOT applied here (not glibc, KEEP_FREED_MEMORY=0, or malloc tuned by "
+                "the environment)."),
              "- 3b and 4 put the forward-only / encoder-only rate (the same inference model, for_inference, "
              f"in the same precision, on the decoded tiles, batches of {plan.batch}, no I/O) in the reference "
              "column.",
@@ -503,6 +527,7 @@ def quality(args):
     for paths in tqdm(batches, desc="reference recipe", unit="step", leave=False):
         reference_train_step(reference, optimizer, paths, transform, device)
     reference_seconds = time.perf_counter() - start
+    keep_freed_memory()  # the reference trained with glibc's malloc as it ships; ours as our scripts set it
 
     seed_everything(args.seed)
     ours = our_model(state, device).train()

@@ -96,10 +96,11 @@ def keep_freed_memory():
         (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
 
 
-def run_main(main):
+def run_main(main, keep_memory=True):
     """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
-    Before it, malloc is set to keep freed memory (keep_freed_memory)."""
-    keep_freed_memory()
+    Before it, malloc is set to keep freed memory (keep_freed_memory) unless keep_memory is False."""
+    if keep_memory:
+        keep_freed_memory()
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):

@@ -1,6 +1,8 @@
 """Evaluation_MSE.py / Evaluation_SSIM.py run as a user runs them: comparison PNGs, the metrics workbook,
 agreement with scikit-image, the checkpoint layouts they accept, and batch-size independence."""
+import io
 import os
+import time
 
 import numpy as np
 import openpyxl
@@ -292,3 +294,38 @@ def test_shipped_defaults_on_sample_tiles(tmp_path, run_script):
         reference = reference_metrics(as_array(originals[i]), as_array(reconstructions[i]))
         for name in METRICS:
             assert agrees(rows[i][name], reference[name], name), (rows[i]["Image Path"], name)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (2, 7, 3), (5, 3, 3), (334, 542, 3)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    rgb = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    rgb[shape[0] // 2:] = 255  # runs of one value too, which zlib's run-length strategy encodes differently
+    with Image.open(io.BytesIO(evaluation_engine.png_bytes(rgb))) as png:
+        assert png.format == "PNG" and png.mode == "RGB" and png.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(png), rgb)
+
+
+def test_each_batch_pngs_are_written_before_the_next_forward_pass(workdir, model_path, monkeypatch):
+    """At most one batch of images waits for its PNG: memory stays flat however many tiles there are (on a
+    GPU the network outruns PNG writing), and on a CPU the writing never runs beside the network."""
+    written, seen_by_forward = [], []
+    save, reconstruct = evaluation_engine.save_comparison, evaluation_engine.reconstruct
+
+    def slow_save(*args):
+        time.sleep(0.05)
+        save(*args)
+        written.append(args[-1])
+
+    def recording(*args):
+        seen_by_forward.append(len(written))
+        return reconstruct(*args)
+
+    monkeypatch.setattr(evaluation_engine, "save_comparison", slow_save)
+    monkeypatch.setattr(evaluation_engine, "reconstruct", recording)
+    monkeypatch.chdir(workdir)
+    rows = evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "out", 2)), "mse")
+    files = find_images("tiles")
+    batches = [size for size in (sum(not p.endswith("broken.png") for p in files[i:i + 2])
+                                 for i in range(0, len(files), 2)) if size]
+    assert seen_by_forward == [sum(batches[:k]) for k in range(len(batches))]
+    assert len(written) == len(rows) == sum(batches)
