@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from Dataset import write_png
 from cli import UserError, check_writable, load_config, run_main
 
 _POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)
@@ -108,7 +109,7 @@ def prepare_tiles(cfg):
         if tissue_share(tile, cfg.background_gray) < cfg.tissue_fraction:
             dropped_background += 1
             continue
-        tile.save(os.path.join(cfg.tiles_output_folder, f"{stem}_x{x:06d}_y{y:06d}.png"))
+        write_png(os.path.join(cfg.tiles_output_folder, f"{stem}_x{x:06d}_y{y:06d}.png"), np.asarray(tile))
         kept += 1
     print(f"{cfg.slide_path}: {width} x {height} pixels, {len(origins)} positions; kept {kept} tiles in "
           f"{cfg.tiles_output_folder}, dropped {dropped_background} mostly background"

@@ -8,8 +8,6 @@ import functools
 import hashlib
 import math
 import os
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,7 +20,7 @@ from tqdm import tqdm
 
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
-from Dataset import ImageFolder, SkipLog, collate
+from Dataset import ImageFolder, SkipLog, collate, write_png
 from cli import (UserError, autocast, autocast_dtype, check_writable, cpu_count, load_config, precision_mode,
                  precision_name, run_main, select_device, worker_count)
 from metrics import per_image
@@ -148,35 +146,9 @@ def comparison_image(original, reconstruction, metrics, label):
     return canvas
 
 
-def png_bytes(rgb):
-    """An H x W x 3 uint8 array as the bytes of an 8-bit RGB PNG file.
-
-    Every row gets PNG's Up filter (each byte minus the one above it), and zlib compresses with its
-    run-length strategy at level 1. Pillow's PNG writer tries four filters on every row and has no option to
-    skip that; on comparison images of real tiles that search costs more than the compression, and writing
-    them this way is about 2.4x faster, for files about 4% larger.
-    """
-    height, width, _ = rgb.shape
-    rows = rgb.reshape(height, width * 3)
-    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    filtered[:, 0] = 2  # the Up filter; above the first row PNG assumes zeros
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG's filters do
-    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = compressor.compress(filtered) + compressor.flush()
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
 def save_comparison(original, reconstruction, metrics, label, out_path):
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    data = png_bytes(np.asarray(comparison_image(original, reconstruction, metrics, label)))
-    with open(out_path, "wb") as handle:
-        handle.write(data)
+    write_png(out_path, np.asarray(comparison_image(original, reconstruction, metrics, label)))
 
 
 def _text_cell(cell, value):

@@ -14,7 +14,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 import checkpoint_io
 import evaluation_engine
 from Auto_encoder import AutoEncoder
-from Dataset import find_images, load_image
+from Dataset import find_images, load_image, png_bytes
 from cli import UserError, autocast_dtype, load_config
 from conftest import REPO, SAMPLE_TILES, tile_array
 
@@ -300,7 +300,7 @@ def test_shipped_defaults_on_sample_tiles(tmp_path, run_script):
 def test_png_bytes_decode_to_the_same_pixels(shape):
     rgb = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
     rgb[shape[0] // 2:] = 255  # runs of one value too, which zlib's run-length strategy encodes differently
-    with Image.open(io.BytesIO(evaluation_engine.png_bytes(rgb))) as png:
+    with Image.open(io.BytesIO(png_bytes(rgb))) as png:
         assert png.format == "PNG" and png.mode == "RGB" and png.size == (shape[1], shape[0])
         assert np.array_equal(np.asarray(png), rgb)
 

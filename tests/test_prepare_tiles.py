@@ -1,0 +1,60 @@
+"""Prepare_Tiles.py run as a user runs it: which positions become tiles, their pixels, and their PNG encoding."""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from Dataset import load_image
+
+
+def make_slide(path):
+    """A 192 x 128 RGB image: glass (white) everywhere except dark tissue over the left 96 x 128 and a
+    light speck on the right, with noise so the pixels are not trivial."""
+    rng = np.random.default_rng(7)
+    pixels = np.full((128, 192, 3), 245, dtype=np.uint8)
+    pixels[:, :96] = rng.integers(60, 180, (128, 96, 3), dtype=np.uint8)
+    pixels[10:20, 150:160] = 100  # 100 of 4,096 pixels: a background tile
+    Image.fromarray(pixels).save(path)
+    return pixels
+
+
+def test_tiles_are_the_slide_pixels_and_background_is_dropped(tmp_path, run_script):
+    pixels = make_slide(tmp_path / "slide.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    names = sorted(os.listdir(tmp_path / "tiles"))
+    # Origins every 32 pixels: x in 0..128, y in 0..64. Tissue covers x < 96, so a tile is kept when at least
+    # half of it lies left of 96: x = 0, 32, 64.
+    assert names == sorted(f"slide_x{x:06d}_y{y:06d}.png" for x in (0, 32, 64) for y in (0, 32, 64))
+    assert "kept 9 tiles" in result.stdout and "dropped 6 mostly background" in result.stdout
+    for name in names:
+        x, y = int(name[7:13]), int(name[15:21])
+        with Image.open(tmp_path / "tiles" / name) as tile:
+            assert tile.format == "PNG" and tile.mode == "RGB"
+            assert np.array_equal(np.asarray(tile), pixels[y:y + 64, x:x + 64])
+        # Training reads them through Dataset's libpng path, to the same pixels.
+        decoded = load_image(str(tmp_path / "tiles" / name), 64)
+        assert torch.equal(decoded, torch.from_numpy(pixels[y:y + 64, x:x + 64]).permute(2, 0, 1))
+
+
+def test_positions_of_held_out_tiles_are_excluded(tmp_path, run_script):
+    make_slide(tmp_path / "slide.png")
+    (tmp_path / "held_out").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "held_out" / "slide_x000000_y000000.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=32", "--exclude_tiles_in=held_out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # Origins at x or y of 0 or 32 overlap the held-out tile at (0, 0); of the nine tissue tiles, five remain.
+    assert sorted(os.listdir(tmp_path / "tiles")) == sorted(
+        ["slide_x000000_y000064.png", "slide_x000032_y000064.png",
+         *(f"slide_x000064_y{y:06d}.png" for y in (0, 32, 64))])
+    assert "kept 5 tiles" in result.stdout
+    assert "overlapping held_out" in result.stdout
+
+
+def test_missing_slide_is_one_line_exit_2(tmp_path, run_script):
+    result = run_script("Prepare_Tiles.py", "--slide_path=nowhere.svs", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: slide 'nowhere.svs' not found") and result.stderr.count("\n") == 1
