@@ -50,7 +50,7 @@ def check_settings(cfg):
 def run_model(method, images, device, amp_dtype=None):
     """uint8 N x 3 x H x W tiles -> (their float [0, 1] channels_last tensor, method of it in float32), under
     autocast to amp_dtype (None: fp32): the one way every script feeds tiles to the network outside training."""
-    x = images.to(device, non_blocking=True).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last).float().div_(255.0)
     with autocast(device.type, amp_dtype):
         return x, method(x).float()
 
