@@ -408,8 +408,8 @@ def fixed_costs(model, tiles, paths, plan, model_path, out, device, our_eval, ou
     feature_files = seconds_of(lambda: Extract_Features.write_outputs(outputs, features, paths, {}, plan.folder),
                                device)
     return (f"evaluation run {n / our_eval:.2f} s = model load {load:.2f} s + comparison PNGs {png:.2f} s "
-            f"on one thread (the engine overlaps them on 2 threads) + workbook {workbook:.2f} s + decode and "
-            f"forward; feature run {n / our_feat:.2f} s includes model load and the output files "
+            f"on one thread (the engine writes them on 2 threads while it reads the next batch) + workbook "
+            f"{workbook:.2f} s + decode, forward and metrics; feature run {n / our_feat:.2f} s includes model load and the output files "
             f"(CSV, .npy, PCA plot) {feature_files:.2f} s.")
 
 
