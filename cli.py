@@ -75,10 +75,11 @@ def keep_freed_memory():
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
 
     A forward pass allocates and frees tensors of several MB many times per batch. By default glibc
-    returns most of them to the kernel, and each reuse page-faults the memory back in: on a 2-core CPU that
-    made inference about 25% slower (README, Performance). With these settings the process keeps its peak
-    heap for its lifetime. Skipped off glibc, when KEEP_FREED_MEMORY=0, and when the user has tuned malloc
-    already (GLIBC_TUNABLES, MALLOC_*_ variables, or LD_PRELOAD of another allocator). True if applied.
+    returns most of them to the kernel, and each reuse page-faults the memory back in: on a 2-core CPU
+    that made inference and training about 15% slower (README, Performance). With these settings the
+    process keeps its peak heap for its lifetime. Skipped off glibc, when KEEP_FREED_MEMORY=0, and when
+    the user has tuned malloc already (GLIBC_TUNABLES, MALLOC_*_ variables, or LD_PRELOAD of another
+    allocator). True if applied.
     """
     if not sys.platform.startswith("linux") or os.environ.get("KEEP_FREED_MEMORY", "1") == "0":
         return False
