@@ -81,7 +81,8 @@ def _decode_plain_png(data, tile_size):
     if (width, height) != (tile_size, tile_size) or bit_depth != 8 or colour_type != 2:
         return None
     try:
-        return _DECODE_PNG(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=torchvision.io.ImageReadMode.RGB)
+        return _DECODE_PNG(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                           mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError:
         raise ValueError("damaged PNG data (truncated or corrupt)") from None
 
@@ -137,7 +138,7 @@ def png_bytes(rgb):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def write_png(path, rgb):

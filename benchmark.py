@@ -38,8 +38,8 @@ import evaluation_engine
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_has_native_bf16, keep_freed_memory, load_config,
-                 precision_name, run_main)
+from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_count, cpu_has_native_bf16, keep_freed_memory,
+                 load_config, precision_name, run_main)
 from metrics import LOSSES, per_image
 from training_engine import forward_loss, learning_rate, optimizer_step
 
@@ -241,7 +241,7 @@ def machine_lines(threads):
             cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), cpu)
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
-    return [f"- CPU: {cpu} ({bf16}), {len(os.sched_getaffinity(0))} logical cores available, torch threads {threads}",
+    return [f"- CPU: {cpu} ({bf16}), {cpu_count()} logical cores available, torch threads {threads}",
             f"- GPU: {gpu}",
             f"- torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}",
             f"- Command: `{' '.join(shlex.quote(arg) for arg in [os.path.basename(sys.executable), *sys.argv])}`"]
@@ -280,6 +280,16 @@ def fresh_dirs(work_dir, prefix):
         os.makedirs(path)
         return path
     return new_dir
+
+
+def pillow_copies(paths, folder):
+    """Each tile in paths saved again by Pillow with its default PNG settings, in folder; their paths."""
+    copies = []
+    for index, path in enumerate(paths):
+        copies.append(os.path.join(folder, f"pillow_{index}.png"))
+        with Image.open(path) as img:
+            img.save(copies[-1])
+    return copies
 
 
 def training_plan(device, plan, paths):
@@ -409,8 +419,8 @@ def fixed_costs(model, tiles, paths, plan, model_path, out, device, our_eval, ou
                                device)
     return (f"evaluation run {n / our_eval:.2f} s = model load {load:.2f} s + comparison PNGs {png:.2f} s "
             f"on one thread (the engine writes them on 2 threads while it reads the next batch) + workbook "
-            f"{workbook:.2f} s + decode, forward and metrics; feature run {n / our_feat:.2f} s includes model load and the output files "
-            f"(CSV, .npy, PCA plot) {feature_files:.2f} s.")
+            f"{workbook:.2f} s + decode, forward and metrics; feature run {n / our_feat:.2f} s includes model load "
+            f"and the output files (CSV, .npy, PCA plot) {feature_files:.2f} s.")
 
 
 def speed(args):
@@ -451,11 +461,7 @@ def speed(args):
                             reference_data, ours_data, 5)]
         # The sample tiles are PNGs as Prepare_Tiles writes them (Dataset.png_bytes), which decode faster than
         # Pillow's default PNGs: the same pixels saved by Pillow show what tiles from other tools give.
-        pillow_paths = []
-        for index, path in enumerate(paths):
-            pillow_paths.append(os.path.join(work_dir, f"pillow_{index}.png"))
-            with Image.open(path) as img:
-                img.save(pillow_paths[-1])
+        pillow_paths = pillow_copies(paths[:len(paths) // plan.copies], work_dir)
         pillow_data = data_pipeline_rate(pillow_paths, plan, lambda path: load_image(path, plan.tile))
         notes.append(f"- Section 1, ours on the same tiles saved with Pillow's default PNG settings (as tiles from "
                      f"other tools usually are): {pillow_data:.2f} img/s, {pillow_data / reference_data:.2f}x the "

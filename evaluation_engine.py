@@ -215,8 +215,9 @@ def evaluate(cfg, loss_name):
     amp_dtype = autocast_dtype(device, cfg.mixed_precision)
     model = load_model(model_path, device)
     names = comparison_names(dataset.paths, cfg.folder_path_test)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test, num_workers=worker_count(cfg.num_workers),
-                                         collate_fn=collate, pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size_test,
+                                         num_workers=worker_count(cfg.num_workers), collate_fn=collate,
+                                         pin_memory=device.type == "cuda")
     print(f"Evaluating {model_path} on {len(dataset)} files from {cfg.folder_path_test} on {device} "
           f"in {precision_name(amp_dtype)}.")
 
