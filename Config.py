@@ -12,6 +12,7 @@ GPUs = "0"                    # GPU ids: "0", "2,3", or "cpu"; without CUDA the 
 num_workers = 4               # data-loading processes, at most one per CPU (0 = load in the main process)
 seed = 0                      # random seed for shuffling, augmentation and the validation split
 mixed_precision = "auto"      # "auto": bf16/fp16 on GPUs, bf16 training on CPUs with native bf16; "bf16"; "off" = fp32
+keep_freed_memory = "auto"    # glibc malloc keeps freed memory for reuse (faster on CPUs): "auto" (on without CUDA), True, False
 
 #------------------------------------------------------------------
 # Model training (MSE / SSIM)
@@ -28,10 +29,12 @@ augment = True                # random rotation, flips, affine, colour jitter an
 val_fraction = 0.05           # share of training tiles held out for per-epoch validation (0 = none)
 sync_batchnorm = False        # multi-GPU: synchronise BatchNorm statistics across GPUs
 compile_model = False         # torch.compile the model (faster on recent GPUs after a slow first epoch)
+cache_tiles = "auto"          # keep decoded training tiles in memory as uint8: "auto" (when they fit), True, False
 
 model_saved_location_mse = "checkpoints/MSE"    # folder for MSE-loss checkpoints
 model_saved_location_ssim = "checkpoints/SSIM"  # folder for SSIM-loss checkpoints
 save_interval = 5             # write Model_AE_epoch_NNN.pth every N epochs
+keep_checkpoints = 3          # periodic checkpoints kept (older ones deleted once a newer one is written; Final, Best and interrupt files are always kept)
 resume = True                 # continue from the newest checkpoint in the checkpoint folder
 
 training_loss_file_mse = "training_loss_mse.csv"    # per-epoch loss log of MSE training

@@ -191,7 +191,7 @@ def extract_features(cfg):
 
 
 def main():
-    run_main(lambda: extract_features(load_config()))
+    run_main(extract_features, "features")
 
 
 if __name__ == "__main__":

@@ -118,4 +118,4 @@ def prepare_tiles(cfg):
 
 
 if __name__ == "__main__":
-    run_main(lambda: prepare_tiles(load_config()))
+    run_main(prepare_tiles, "tiles")

@@ -1,15 +1,127 @@
-"""Command-line plumbing shared by the scripts: Config overrides, one-line errors, device choice."""
-import ast
-import ctypes
+"""Command-line plumbing shared by the scripts: the Config.py settings each script reads, their
+--key=value overrides and checks, --help, and the exit codes of run_main."""
+import math
 import os
+import select
+import signal
 import sys
+import tokenize
 import types
+from dataclasses import dataclass
 
 import torch
+
+import malloc_tuning
 
 
 class UserError(Exception):
     """A problem the user can fix (bad path, bad file, bad setting): printed as one line, exit code 2."""
+
+
+# The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
+# line that the script does not read is an error, not a warning: a silently ignored key evaluates the wrong
+# model (Evaluation_MSE.py --model_path_ssim=... would report the MSE model's metrics, exit 0).
+SCRIPT_KEYS = {
+    "training": """GPUs num_workers seed mixed_precision keep_freed_memory folder_path_train tile_size
+                   train_crop_size num_epochs batch_size_train learning_rate weight_decay lr_schedule augment
+                   val_fraction sync_batchnorm compile_model cache_tiles model_saved_location_{loss}
+                   save_interval keep_checkpoints resume training_loss_file_{loss}""".split(),
+    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
+                     model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
+    "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
+                   folder_path_features model_path_ssim features_output""".split(),
+    "tiles": """keep_freed_memory tile_size tile_stride slide_path tiles_output_folder tissue_fraction
+                background_gray exclude_tiles_in""".split(),
+}
+SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
+                "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py"}
+LOSS_NAMES = ("mse", "ssim")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a Config key accepts. kind: int, float, bool, str, "switch" (True, False or "auto") or a tuple of
+    choices. Bounds of numbers: low <= value, above < value, value <= high, value < below."""
+    kind: object
+    low: float = None
+    above: float = None
+    high: float = None
+    below: float = None
+
+    def allowed(self):
+        if isinstance(self.kind, tuple):
+            return "one of " + ", ".join(repr(choice) for choice in self.kind)
+        words = {int: "a whole number (int)", float: "a finite number (float)", bool: "true or false (bool)",
+                 str: "text (str, no NUL character)", "switch": "'auto', true or false"}[self.kind]
+        if self.low is not None and self.high is not None:
+            return f"{words} from {self.low} to {self.high}"
+        limits = [f"{word} {bound}" for word, bound in (("of at least", self.low), ("above", self.above),
+                                                        ("of at most", self.high), ("below", self.below))
+                  if bound is not None]
+        return " ".join([words, " and ".join(limits)]).strip()
+
+
+COUNT, TEXT, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule(bool), Rule("switch")
+PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
+RULES = {
+    **dict.fromkeys("""GPUs folder_path_train model_saved_location_mse model_saved_location_ssim
+                       training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
+                       recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
+                       slide_path tiles_output_folder exclude_tiles_in folder_path_features
+                       features_output""".split(), TEXT),
+    **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval keep_checkpoints".split(), COUNT),
+    **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
+    **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
+    "num_workers": Rule(int, low=0),
+    # torch's generators take 64 bits and numpy's legacy seeding 32; the training loop derives per-epoch seeds
+    # as seed * 100003 * 64 + ..., which must stay below 2**64. 32 bits leave room for that.
+    "seed": Rule(int, low=0, high=2**32 - 1),
+    "mixed_precision": Rule(("auto", "bf16", "fp16", "off")),
+    "lr_schedule": Rule(("constant", "cosine")),
+    "tile_size": Rule(int, low=1, high=PIXELS),
+    "train_crop_size": Rule(int, low=0, high=PIXELS),
+    "tile_stride": Rule(int, low=1, high=PIXELS),
+    "learning_rate": Rule(float, above=0),
+    "weight_decay": Rule(float, low=0),
+    "val_fraction": Rule(float, low=0, below=1),
+    "tissue_fraction": Rule(float, low=0, high=1),
+    "background_gray": Rule(int, low=0, high=255),
+}
+_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def _parse(rule, text):
+    """The value of --key=text as rule's kind, ValueError if it is not one (_check then checks the value)."""
+    if rule.kind is bool:
+        if text.strip().lower() not in _WORDS:
+            raise ValueError
+        return _WORDS[text.strip().lower()]
+    if rule.kind in (int, float):
+        return rule.kind(text)
+    return text
+
+
+def _check(rule, value):
+    """value if rule allows it, normalised (an int for a float key becomes a float; a choice or switch word
+    loses case and spaces); ValueError otherwise. The same check for Config.py and command-line values."""
+    word = value.strip().lower() if isinstance(value, str) else None
+    if isinstance(rule.kind, tuple) and word in rule.kind:
+        return word
+    if rule.kind == "switch" and (isinstance(value, bool) or word == "auto" or word in _WORDS):
+        return value if isinstance(value, bool) else "auto" if word == "auto" else _WORDS[word]
+    if rule.kind is bool and isinstance(value, bool):
+        return value
+    if rule.kind is str and isinstance(value, str) and "\0" not in value:
+        return value
+    numbers = (int, float) if rule.kind is float else (int,)
+    if rule.kind not in numbers or isinstance(value, bool) or not isinstance(value, numbers):
+        raise ValueError
+    value = rule.kind(value)
+    too_low = (rule.low is not None and value < rule.low) or (rule.above is not None and value <= rule.above)
+    too_high = (rule.high is not None and value > rule.high) or (rule.below is not None and value >= rule.below)
+    if not math.isfinite(value) or too_low or too_high:
+        raise ValueError
+    return value
 
 
 def _config_values(module):
@@ -17,103 +129,149 @@ def _config_values(module):
             if not k.startswith("_") and not isinstance(v, (types.ModuleType, types.FunctionType, type))}
 
 
-def _parse_bool(text):
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ValueError
+def script_keys(script=None, loss=None):
+    """The Config keys script reads (one of SCRIPT_KEYS; every key for None); loss None means both losses."""
+    if script is None:
+        return set(RULES)
+    if script not in SCRIPT_KEYS or loss not in (None, *LOSS_NAMES):
+        raise ValueError(f"script={script!r}, loss={loss!r}: script is one of {', '.join(SCRIPT_KEYS)}, "
+                         f"loss one of {', '.join(LOSS_NAMES)} or None")
+    return {key.format(loss=name) for key in SCRIPT_KEYS[script] for name in ([loss] if loss else LOSS_NAMES)}
 
 
-def _coerce(key, text, default):
-    """Turn the text of --key=value into the type of the Config default, or raise UserError."""
-    kind = type(default)
-    try:
-        if kind is bool:
-            return _parse_bool(text)
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-        if kind is str:
-            return text
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        raise UserError(f"--{key}={text}: expected a value of type {kind.__name__} (Config default: {default!r})")
-    if default is not None and not isinstance(value, kind):
-        raise UserError(f"--{key}={text}: expected a value of type {kind.__name__} (Config default: {default!r})")
-    return value
+def script_name(script=None, loss=None):
+    """How messages name the script: its file (Training_MSE.py); the program's name without a script."""
+    if script is None:
+        return os.path.basename(sys.argv[0]) or "python"
+    return SCRIPT_FILES[script].format(LOSS=loss.upper() if loss else "MSE/SSIM")
 
 
-def load_config(argv=None):
-    """Config.py as a namespace, with --key=value overrides from argv applied and type-checked."""
+def descriptions(path):
+    """{key: (section heading, description)} from the source of Config.py: a key's description is the
+    trailing # comment on its line, its section the last comment line above it that is not a ruler."""
+    described, heading = {}, ""
+    with tokenize.open(path) as handle:
+        tokens = list(tokenize.generate_tokens(handle.readline))
+    for index, token in enumerate(tokens):
+        if token.type == tokenize.COMMENT and token.line.lstrip().startswith("#"):
+            text = token.string.lstrip("#").strip()
+            heading = text if text.strip("-=# ") else heading
+        elif (token.type == tokenize.NAME and token.start[1] == 0 and index + 1 < len(tokens)
+              and tokens[index + 1].string == "="):
+            comment = next((t.string for t in tokens[index:] if t.type in (tokenize.COMMENT, tokenize.NEWLINE)), "")
+            described[token.string] = (heading, comment.lstrip("#").strip())
+    return described
+
+
+def help_text(config, keys, values, name):
+    """--help: the keys name reads in Config.py's order and sections, with their values and descriptions."""
+    described = descriptions(config.__file__)
+    shown = [f"--{key}={values[key]}" for key in keys]
+    width = min(40, max(map(len, shown), default=0))
+    lines = [f"usage: python {name} [--key=value ...]", "",
+             f"The settings {name} reads. Their values come from Config.py; each can be overridden for one run "
+             "as --key=value."]
+    section = None
+    for key, text in zip(keys, shown):
+        heading, description = described.get(key, ("", ""))
+        if heading != section:
+            lines += ["", heading or "Other"]
+            section = heading
+        lines.append(f"  {text:<{width}}  {description}".rstrip())
+    return "\n".join(lines)
+
+
+def _argument_error(arg, values, keys, name):
+    """The UserError for a command-line argument that is not --key=value with a key name reads."""
+    valid = ", ".join(keys)
+    if not arg.startswith("--") or "=" not in arg:
+        return UserError(f"unrecognised argument {arg!r}: use --key=value with a key from Config.py ({valid})")
+    key = arg[2:].split("=", 1)[0]
+    if key not in values:
+        return UserError(f"unknown Config key {key!r}; valid keys: {valid}")
+    stem, _, loss = key.rpartition("_")
+    twin = f"{stem}_{({'mse': 'ssim', 'ssim': 'mse'}).get(loss)}"
+    hint = f" (did you mean --{twin}?)" if twin in keys else ""
+    return UserError(f"--{key} is not read by {name}{hint}; python {name} --help lists the settings it reads")
+
+
+def load_config(argv=None, script=None, loss=None):
+    """The Config.py settings script reads (see SCRIPT_KEYS; all of them for None) as a namespace, with the
+    --key=value overrides of argv (default sys.argv[1:]) applied. Every value, from Config.py or the command
+    line, is checked against RULES first: a UserError names the key, its value and what is allowed.
+    --help (or -h) prints the settings and exits."""
     import Config
-    values = _config_values(Config)
+    values, wanted, name = _config_values(Config), script_keys(script, loss), script_name(script, loss)
+    missing = sorted(wanted - set(values))
+    if missing:
+        raise UserError(f"Config.py has no setting {missing[0]!r} (read by {name}): restore its line")
+    keys = [key for key in values if key in wanted]
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(help_text(Config, keys, values, name))
+        sys.exit(0)
+    given = {}
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print("Every Config.py value can be overridden as --key=value. Current values:")
-            for key, value in values.items():
-                print(f"  --{key}={value}")
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            raise UserError(f"unrecognised argument {arg!r}: use --key=value with a key from Config.py "
-                            f"({', '.join(values)})")
-        key, text = arg[2:].split("=", 1)
-        if key not in values:
-            raise UserError(f"unknown Config key {key!r}; valid keys: {', '.join(values)}")
-        values[key] = _coerce(key, text, values[key])
-    return types.SimpleNamespace(**values)
+        key, equals, text = arg[2:].partition("=")
+        if not arg.startswith("--") or not equals or key not in keys:
+            raise _argument_error(arg, values, keys, name)
+        given[key] = text
+    settings = {}
+    for key in keys:
+        rule = RULES[key]
+        try:
+            settings[key] = _check(rule, _parse(rule, given[key]) if key in given else values[key])
+        except (ValueError, OverflowError):  # OverflowError: an int too large for a float
+            where = f"--{key}={given[key]}" if key in given else f"{key} = {values[key]!r} in Config.py"
+            raise UserError(f"{where}: expected {rule.allowed()}") from None
+    return types.SimpleNamespace(**settings)
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-
-
-def keep_freed_memory():
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
-
-    A forward pass allocates and frees tensors of several MB many times per batch. By default glibc
-    returns most of them to the kernel, and each reuse page-faults the memory back in: on a 2-core CPU
-    that made inference and training about 15% slower (README, Performance). With these settings the
-    process keeps its peak heap for its lifetime. Skipped off glibc, when KEEP_FREED_MEMORY=0, and when
-    the user has tuned malloc already (GLIBC_TUNABLES, MALLOC_*_ variables, or LD_PRELOAD of another
-    allocator). True if applied.
-    """
-    if not sys.platform.startswith("linux") or os.environ.get("KEEP_FREED_MEMORY", "1") == "0":
-        return False
-    if any(key in os.environ for key in ("GLIBC_TUNABLES", "LD_PRELOAD")) or any(
-            key.startswith("MALLOC_") and key.endswith("_") for key in os.environ):
-        return False
+def _stdout_closed():
+    """Whether stdout is a pipe whose reader has gone, so that a BrokenPipeError came from it."""
+    if not hasattr(select, "poll"):  # Windows: assume so, as Python's documented recipe does
+        return True
     try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # errors and hang-ups are reported whatever is asked for
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout
         return False
-    # Blocks above 32 MB (the largest threshold glibc accepts) still come from mmap and go back at once.
-    # Trimming off (-1): the heap never shrinks. A 1 GB top pad: the heap grows in large steps; 256 MB
-    # gave back only half of the gain in the measurement.
-    return all(mallopt(option, value) == 1 for option, value in (
-        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
 
 
-def run_main(main, keep_memory=True):
-    """Run main(); a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130.
-    Before it, malloc is set to keep freed memory (keep_freed_memory) unless keep_memory is False."""
-    if keep_memory:
-        keep_freed_memory()
+def run_main(main, script=None, loss=None, argv=None):
+    """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
+    process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
+
+    Exit codes: a UserError is one line `error: ...` on stderr, exit 2; an interrupt (KeyboardInterrupt,
+    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
+    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
+    quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
+    while a plain pipeline still reports head's status."""
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        main()
+        if script is None:
+            main()
+        else:
+            cfg = load_config(argv, script, loss)
+            malloc_tuning.apply(cfg.keep_freed_memory)
+            main(cfg)
+        sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
 
 
 def gpu_ids(gpus):

@@ -262,4 +262,4 @@ def evaluate(cfg, loss_name):
 
 
 def main(loss_name):
-    run_main(lambda: evaluate(load_config(), loss_name))
+    run_main(lambda cfg: evaluate(cfg, loss_name), "evaluation", loss_name)

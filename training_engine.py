@@ -446,13 +446,13 @@ def train(cfg, loss_name):
 
 def _worker(loss_name, argv):
     """Entry point of one process started by the elastic launcher."""
-    run_main(lambda: train(load_config(argv), loss_name))
+    run_main(lambda cfg: train(cfg, loss_name), "training", loss_name, argv)
 
 
 def launch(loss_name, argv, processes=None):
     """Train in this process, or start one process per listed GPU through PyTorch's elastic launcher
     (the machinery behind torchrun). processes overrides the count (tests use 2 CPU processes)."""
-    cfg = load_config(argv)
+    cfg = load_config(argv, "training", loss_name)
     if "WORLD_SIZE" in os.environ:  # already started by torchrun
         return train(cfg, loss_name)
     if processes is None:
@@ -472,4 +472,4 @@ def launch(loss_name, argv, processes=None):
 
 
 def main(loss_name):
-    run_main(lambda: launch(loss_name, sys.argv[1:]))
+    run_main(lambda cfg: launch(loss_name, sys.argv[1:]), "training", loss_name)
