@@ -381,8 +381,9 @@ def test_unwritable_output_fails_before_any_work(tmp_path, script, setting, leaf
     blocker = tmp_path / "a file"
     blocker.write_text("")
     # Input and model do not exist either: an error about them would mean work started before the check.
-    args = [f"--{setting}={blocker / leaf}", "--folder_path_test=absent", "--folder_path_train=absent",
-            "--model_path_mse=absent.pth", f"--tile_size={TILE}", "--num_workers=0", "--GPUs=cpu"]
+    inputs = (["--folder_path_train=absent"] if script.startswith("Training")
+              else ["--folder_path_test=absent", "--model_path_mse=absent.pth"])
+    args = [f"--{setting}={blocker / leaf}", *inputs, f"--tile_size={TILE}", "--num_workers=0", "--GPUs=cpu"]
     result = run(script, *args, cwd=tmp_path)
     line = error_line(result)
     assert "cannot write to output folder" in line and f"{blocker} is a file" in line
