@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import stat
+import threading
 import warnings
 
 import numpy as np
@@ -168,10 +169,32 @@ class ImageFolder(torch.utils.data.Dataset):
             return {"image": None, "path": path, "error": describe_error(err)}
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 def ignore_interrupts(worker_id=None):
-    """worker_init_fn of every DataLoader: Ctrl-C reaches the whole process group, and only the main
-    process is to handle it (it stops the workers), so none prints a traceback of its own."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """worker_init_fn of every DataLoader: Ctrl-C reaches the whole process group, and a scheduler's SIGTERM
+    may too; only the main process handles them (it stops the workers), so no worker prints a traceback."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def start_batches(loader):
+    """iter(loader), with its worker processes started while Ctrl-C and SIGTERM wait: a worker that got one
+    before its worker_init_fn (ignore_interrupts) ran would die with a traceback. A signal that came
+    meanwhile is delivered to this process as soon as the workers run."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in _STOP_SIGNALS}
+    try:
+        return iter(loader)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)
 
 
 def collate(items):

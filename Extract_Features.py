@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import inference
-from Dataset import SkipLog
+from Dataset import SkipLog, start_batches
 from cli import UserError, load_config, precision_name, run_main
 from inference import run_model
 from outputs import check_target, check_writable, printable, replace_together
@@ -159,7 +159,7 @@ def extract_features(cfg):
     chunks, paths, skips = [], [], SkipLog()
     start = time.perf_counter()
     with tqdm(total=len(run.dataset), desc="Extracting", unit="tile", dynamic_ncols=True) as progress:
-        for images, batch_paths, skipped in run.loader:
+        for images, batch_paths, skipped in start_batches(run.loader):
             skips.add(skipped)
             if batch_paths:
                 chunks.append(embed_batch(run.model, images, run.device, run.amp_dtype))

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 import inference
-from Dataset import SkipLog
+from Dataset import SkipLog, start_batches
 from cli import UserError, cpu_count, load_config, precision_name, run_main
 from inference import reconstruct
 from outputs import check_target, check_writable, printable
@@ -62,7 +62,8 @@ def evaluate(cfg, loss_name):
 
     rows, skips, pending = [], SkipLog(), []
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
-    bar = tqdm(run.loader, desc="Evaluating", unit="batch", dynamic_ncols=True, leave=False)
+    bar = tqdm(start_batches(run.loader), total=len(run.loader), desc="Evaluating", unit="batch",
+               dynamic_ncols=True, leave=False)
     # A batch's PNGs are written by threads (numpy and zlib release the GIL) while the next batch is read,
     # and are finished before that batch goes through the model: on a CPU, work beside the forward pass
     # stalls its threads (measured: the forward slowed by about three times the work added), and on a GPU
