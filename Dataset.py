@@ -136,7 +136,7 @@ def load_image(path, tile_size):
                 img = img.crop((left, top, left + side, top + side))
             if img.size != (tile_size, tile_size):
                 img = img.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=3.0)
-            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+            return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())  # one copy, to C x H x W
 
 
 def describe_error(err):

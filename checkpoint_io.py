@@ -9,6 +9,7 @@ non-finite weights included) is one clear error.
 import os
 import pickle
 import stat
+import warnings
 
 import torch
 
@@ -41,7 +42,9 @@ def load(path):
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path!r} is empty (0 bytes): re-copy or re-train it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of odd content (sparse tensors); our checks report it
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's text is a paragraph with terminal colour codes; its "WeightsUnpickler error" line names
         # what the file wanted to build (such as "GLOBAL builtins.open").
