@@ -6,7 +6,6 @@ the same files in the same order, decoded the same way.
 import io
 import os
 import signal
-import stat
 import threading
 import warnings
 
@@ -15,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from cli import UserError
-from outputs import printable
+from outputs import printable, special_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name
@@ -43,7 +42,7 @@ def find_images(folder, exclude=()):
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
     if not os.path.isdir(folder):
         raise UserError(f"{folder!r} is a file, not a folder: point the folder path at the folder that holds the tiles")
-    skip_dirs = {_identity(path) for path in exclude if os.path.isdir(path)}
+    skip_dirs = {_identity(path) for path in exclude if os.path.isdir(path)} - {None}
     skip_files = {(_identity(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
                   for path in exclude if not os.path.isdir(path)}
     found = []
@@ -66,10 +65,9 @@ def find_images(folder, exclude=()):
 
 def _check_file(info):
     """ValueError unless info (an os.stat result) is a regular file of a size a tile can have."""
-    if not stat.S_ISREG(info.st_mode):
-        kind = "a named pipe" if stat.S_ISFIFO(info.st_mode) else "a socket" if stat.S_ISSOCK(info.st_mode) \
-            else "a folder" if stat.S_ISDIR(info.st_mode) else "a device"
-        raise ValueError(f"not a regular file ({kind}); not read")
+    kind = special_kind(info.st_mode)
+    if kind:
+        raise ValueError(f"not a regular file (a {kind}); not read")
     if info.st_size > MAX_FILE_BYTES:
         raise ValueError(f"{info.st_size / 1e6:.0f} MB, larger than any tile ({MAX_FILE_BYTES / 1e6:.0f} MB at "
                          "most); not read: cut large images into tiles with Prepare_Tiles.py")

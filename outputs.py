@@ -5,6 +5,7 @@ into place, so a crash, a kill or a full disk leaves either the previous file or
 one. Nothing is written through a symbolic link or onto a device or other special file. A set of files that
 belong together (the feature files) is replaced together or not at all.
 """
+import contextlib
 import errno
 import os
 import secrets
@@ -31,7 +32,7 @@ def printable(text):
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
-def _special_kind(mode):
+def special_kind(mode):
     """What a file that is not a regular file is, in words; None for a regular file."""
     for test, kind in ((stat.S_ISREG, None), (stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"),
                        (stat.S_ISFIFO, "named pipe"), (stat.S_ISSOCK, "socket")):
@@ -44,7 +45,7 @@ def check_target(path):
     """Refuse (UserError) an output path that is an existing folder, symbolic link, device or other special
     file: writing there would follow the link or replace the device node."""
     try:
-        kind = _special_kind(os.lstat(path).st_mode)
+        kind = special_kind(os.lstat(path).st_mode)
     except OSError:  # nothing there yet (or an unreachable folder, which the write itself reports)
         return
     if kind == "folder":
@@ -110,7 +111,7 @@ def replace_together(writes, remove=(), durable=True):
         raise _write_error(current, err) from None
     finally:
         for temp in temps.values():
-            if os.path.lexists(temp):
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
                 os.remove(temp)
 
 
