@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import Extract_Features
+import checkpoint_io
 import evaluation_engine
 import outputs
 import report
@@ -241,3 +242,17 @@ def test_workbook_sheets_read_cleanly_with_pandas(tmp_path):
     run = dict(zip(sheets["Run"]["Item"], sheets["Run"]["Value"]))
     assert run == {"Model": "model.pth", "Image folder": "tiles", "Precision": "bf16", "Images evaluated": 3,
                    "Files skipped": 1}
+
+
+def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "Model_AE_epoch_005.pth"
+    checkpoint_io.save({"epoch": 5}, str(path))
+    before = path.read_bytes()
+
+    def fsync(_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(outputs, "_fsync", fsync)
+    with pytest.raises(UserError, match="Model_AE_epoch_005.pth.*the disk is full"):
+        checkpoint_io.save({"epoch": 10, "weights": torch.zeros(1000)}, str(path))
+    assert path.read_bytes() == before and not leftovers(tmp_path)
