@@ -19,7 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+import Extract_Features
+import evaluation_engine
 from Auto_encoder import AutoEncoder
+from cli import UserError, load_config
 from conftest import REPO, script_env, tile_array
 
 TILE = 32
@@ -176,23 +179,23 @@ def test_names_of_any_bytes_reach_every_output_escaped(tmp_path, model_file):
         plot.verify()
 
 
-def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, model_file):
+def test_outputs_inside_the_input_folder_are_not_read_back(tmp_path, model_file, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     for name in ("tiles", "more_tiles"):
         (tmp_path / name).mkdir()
         for i in range(3):
             (tmp_path / name / f"t{i}.png").write_bytes(png_of(i))
+    evaluation = load_config(eval_args("tiles", model_file, "tiles/recon"))
+    features = load_config(["--folder_path_features=more_tiles", f"--model_path_ssim={model_file}",
+                            "--features_output=more_tiles/features.csv", f"--tile_size={TILE}", "--num_workers=0",
+                            "--GPUs=cpu"])
     for _ in range(2):  # the second run finds the first run's outputs inside the folder
-        evaluation = run("Evaluation_MSE.py", *eval_args("tiles", model_file, "tiles/recon"), cwd=tmp_path)
-        features = run("Extract_Features.py", "--folder_path_features=more_tiles", f"--model_path_ssim={model_file}",
-                       "--features_output=more_tiles/features.csv", f"--tile_size={TILE}", "--num_workers=0",
-                       "--GPUs=cpu", cwd=tmp_path)
-        assert evaluation.returncode == 0 and features.returncode == 0, evaluation.stderr + features.stderr
-        assert "on 3 files" in evaluation.stdout and "from 3 files" in features.stdout
+        assert len(evaluation_engine.evaluate(evaluation, "mse")) == 3
+        assert len(Extract_Features.extract_features(features)[1]) == 3
     assert len(pd.read_excel(tmp_path / "tiles" / "recon" / "metrics.xlsx", sheet_name="Metrics")) == 3
-    assert len(pd.read_csv(tmp_path / "more_tiles" / "features.csv")) == 3
 
-    itself = run("Evaluation_MSE.py", *eval_args("tiles", model_file, "tiles"), cwd=tmp_path)
-    assert itself.returncode == 2 and "is the image folder itself" in itself.stderr, itself.stderr
+    with pytest.raises(UserError, match="is the image folder itself"):
+        evaluation_engine.evaluate(load_config(eval_args("tiles", model_file, "tiles")), "mse")
 
 
 # Runs a script as its command line would, with one addition: the first process forked from it (a loader
