@@ -5,46 +5,88 @@ the same files in the same order, decoded the same way.
 """
 import io
 import os
-import struct
+import signal
+import threading
 import warnings
-import zlib
 
 import numpy as np
 import torch
-import torchvision.io
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 from cli import UserError
+from outputs import printable, special_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey tile
+# The Pillow decoders of those extensions, and no others: a file of another type under an image name
+# (PostScript, which Pillow would hand to Ghostscript) is not decoded.
+PILLOW_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+MAX_FILE_BYTES = 4096 * 4096 * 8  # an uncompressed 4096 x 4096 16-bit RGBA image: no tile file is larger
 
 
-def find_images(folder):
+def _identity(path):
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def find_images(folder, exclude=()):
     """Every image file under folder, at any depth, as sorted paths. Symbolic links are followed,
     each directory once, so a link loop ends and no file is listed twice. A folder whose name looks
-    like an image (x.png/) is an ordinary folder: searched, never reported as a bad file."""
+    like an image (x.png/) is an ordinary folder: searched, never reported as a bad file. exclude: this
+    run's output folders and files, never read back as input when they lie inside folder."""
     if not os.path.exists(folder):
         raise UserError(f"image folder {folder!r} does not exist: set the folder path in Config.py "
                         f"or pass --folder_path_...=PATH to a folder of images "
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
     if not os.path.isdir(folder):
         raise UserError(f"{folder!r} is a file, not a folder: point the folder path at the folder that holds the tiles")
+    skip_dirs = {_identity(path) for path in exclude if os.path.isdir(path)} - {None}
+    skip_files = {(_identity(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+                  for path in exclude if not os.path.isdir(path)}
     found = []
     seen_dirs = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
-        stat = os.stat(root)
-        if (stat.st_dev, stat.st_ino) in seen_dirs:
+        here = _identity(root)
+        if here in seen_dirs or here in skip_dirs:
             dirs[:] = []
             continue
-        seen_dirs.add((stat.st_dev, stat.st_ino))
+        seen_dirs.add(here)
         dirs.sort()  # which of two links to one folder is kept must not depend on directory order
-        found.extend(os.path.join(root, name) for name in files if name.lower().endswith(IMAGE_EXTENSIONS))
+        found.extend(os.path.join(root, name) for name in files
+                     if name.lower().endswith(IMAGE_EXTENSIONS) and (here, name) not in skip_files)
     found.sort(key=lambda path: os.path.relpath(path, folder).split(os.sep))
     if not found:
         raise UserError(f"no images found in {folder!r} or its subfolders "
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})")
     return found
+
+
+def _check_file(info):
+    """ValueError unless info (an os.stat result) is a regular file of a size a tile can have."""
+    kind = special_kind(info.st_mode)
+    if kind:
+        raise ValueError(f"not a regular file (a {kind}); not read")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(f"{info.st_size / 1e6:.0f} MB, larger than any tile ({MAX_FILE_BYTES / 1e6:.0f} MB at "
+                         "most); not read: cut large images into tiles with Prepare_Tiles.py")
+
+
+def read_tile_file(path):
+    """The bytes of path, read only when it is a regular file no larger than MAX_FILE_BYTES (checked before
+    it is opened), so a named pipe, a device or a huge file neither blocks nor fills the memory."""
+    _check_file(os.stat(path))
+    # O_NONBLOCK: a pipe swapped in after the check still cannot block the open; the fstat catches it.
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(handle, "rb") as file:
+        _check_file(os.fstat(handle))
+        data = file.read(MAX_FILE_BYTES + 1)
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    if len(data) > MAX_FILE_BYTES:
+        _check_file(os.stat(path))  # it grew while being read
+    return data
 
 
 def _to_rgb(img):
@@ -66,46 +108,25 @@ def _to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# torchvision 0.29 deprecates its image decoders; where a later release drops them, PIL decodes every file.
-_DECODE_PNG = getattr(torchvision.io, "decode_png", None)
-
-
-def _decode_plain_png(data, tile_size):
-    """The common tile, an 8-bit RGB PNG already tile_size square, decoded by libpng straight into a
-    tensor (no PIL image, no copies); None for anything else, which goes through PIL."""
-    if _DECODE_PNG is None or len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack(">II", data[16:24])
-    bit_depth, colour_type = data[24], data[25]
-    if (width, height) != (tile_size, tile_size) or bit_depth != 8 or colour_type != 2:
-        return None
-    try:
-        return _DECODE_PNG(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                           mode=torchvision.io.ImageReadMode.RGB)
-    except RuntimeError:
-        raise ValueError("damaged PNG data (truncated or corrupt)") from None
+def upright_rgb(img):
+    """An opened PIL image, decoded, turned upright by its EXIF orientation and converted to RGB (_to_rgb):
+    how every tile and every slide is read."""
+    img.load()
+    ImageOps.exif_transpose(img, in_place=True)
+    return _to_rgb(img)
 
 
 def load_image(path, tile_size):
     """Decode path to a 3 x tile_size x tile_size uint8 tensor. Raises OSError/ValueError on a bad file.
     EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing.
     A huge image is held in memory about once: JPEGs are decoded downscaled, and nothing is copied."""
-    with open(path, "rb") as handle:
-        data = handle.read()
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    plain = _decode_plain_png(data, tile_size)
-    if plain is not None:
-        return plain
+    data = read_tile_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings (EXIF, palette) are not the user's problem
         # Everything happens inside the with: img may be the opened image itself, which closing frees.
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as img:
             img.draft("RGB", (tile_size, tile_size))
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            img = _to_rgb(img)
+            img = upright_rgb(img)
             width, height = img.size
             if width != height:
                 side = min(width, height)
@@ -113,39 +134,7 @@ def load_image(path, tile_size):
                 img = img.crop((left, top, left + side, top + side))
             if img.size != (tile_size, tile_size):
                 img = img.resize((tile_size, tile_size), Image.BICUBIC, reducing_gap=3.0)
-            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-
-
-def png_bytes(rgb):
-    """An H x W x 3 uint8 array as the bytes of an 8-bit RGB PNG file.
-
-    Every row gets PNG's Up filter (each byte minus the one above it), and zlib compresses with its
-    run-length strategy at level 1. Pillow's PNG writer tries four filters on every row and has no option to
-    skip that; on H&E tiles that search costs more than the compression. Measured on the sample tiles and
-    their comparison images: writing is about 2.4x faster and reading back (libpng) about 1.7x faster than
-    with Pillow's defaults, for files about 4% larger.
-    """
-    height, width, _ = rgb.shape
-    rows = rgb.reshape(height, width * 3)
-    filtered = np.empty((height, width * 3 + 1), dtype=np.uint8)
-    filtered[:, 0] = 2  # the Up filter; above the first row PNG assumes zeros
-    filtered[0, 1:] = rows[0]
-    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG's filters do
-    compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = compressor.compress(filtered) + compressor.flush()
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
-    return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
-def write_png(path, rgb):
-    """Write an H x W x 3 uint8 array to path as a PNG (png_bytes)."""
-    data = png_bytes(rgb)
-    with open(path, "wb") as handle:
-        handle.write(data)
+            return torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())  # one copy, to C x H x W
 
 
 def describe_error(err):
@@ -160,10 +149,10 @@ class ImageFolder(torch.utils.data.Dataset):
     """Tiles under a folder. Items are dicts {"image": uint8 tensor or None, "path", "error"}, so a bad
     file never stops a worker: collate() drops it and reports it to the main process."""
 
-    def __init__(self, folder, tile_size, paths=None):
+    def __init__(self, folder, tile_size, paths=None, exclude=()):
         self.folder = folder
         self.tile_size = tile_size
-        self.paths = find_images(folder) if paths is None else list(paths)
+        self.paths = find_images(folder, exclude) if paths is None else list(paths)
 
     def __len__(self):
         return len(self.paths)
@@ -172,8 +161,38 @@ class ImageFolder(torch.utils.data.Dataset):
         path = self.paths[index]
         try:
             return {"image": load_image(path, self.tile_size), "path": path, "error": None}
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as err:
+        # Pillow's decoders meet hostile data with many exception types (OSError, ValueError, SyntaxError,
+        # struct.error, IndexError, MemoryError ...): whatever a file does, it is skipped, never fatal.
+        except Exception as err:
             return {"image": None, "path": path, "error": describe_error(err)}
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_interrupts(worker_id=None):
+    """worker_init_fn of every DataLoader: Ctrl-C reaches the whole process group, and a scheduler's SIGTERM
+    may too; only the main process handles them (it stops the workers), so no worker prints a traceback."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def start_batches(loader):
+    """iter(loader), with its worker processes started while Ctrl-C and SIGTERM wait: a worker that got one
+    before its worker_init_fn (ignore_interrupts) ran would die with a traceback. A signal that came
+    meanwhile is delivered to this process as soon as the workers run."""
+    if not loader.num_workers or threading.current_thread() is not threading.main_thread():
+        return iter(loader)
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in _STOP_SIGNALS}
+    try:
+        return iter(loader)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for signum in received[:1]:
+            signal.raise_signal(signum)
 
 
 def collate(items):
@@ -206,7 +225,7 @@ class SkipLog:
             if path not in self.skipped:
                 self.skipped[path] = reason
                 if self.verbose:
-                    print(f"warning: skipped {path}: {reason}", flush=True)
+                    print(f"warning: skipped {printable(path)}: {printable(reason)}", flush=True)
 
     def __len__(self):
         return len(self.skipped)

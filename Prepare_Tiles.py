@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from Dataset import write_png
-from cli import UserError, check_writable, load_config, run_main
+from Dataset import PILLOW_FORMATS, upright_rgb
+from cli import UserError, load_config, run_main
+from outputs import check_writable, printable, write_png
 
 _POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)
 _PYRAMID_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
@@ -23,18 +24,20 @@ _PILLOW_PIXEL_LIMIT = 400_000_000
 
 
 class PillowSlide:
-    """The full-resolution image through Pillow: fine for regions up to a few hundred megapixels."""
+    """The full-resolution image through Pillow: fine for regions up to a few hundred megapixels. It is read
+    as tiles are (Dataset.upright_rgb): EXIF rotation applied, transparency on white, 16-bit scaled."""
 
     def __init__(self, path):
         Image.MAX_IMAGE_PIXELS = _PILLOW_PIXEL_LIMIT
         try:
-            with Image.open(path) as img:
-                self.image = img.convert("RGB")
+            # No with-block: closing would free the pixels, which upright_rgb keeps when they are RGB already.
+            self.image = upright_rgb(Image.open(path, formats=PILLOW_FORMATS))
         except Image.DecompressionBombError:
             raise UserError(f"{path!r} is too large to load whole: install openslide "
                             "(pip install openslide-python openslide-bin) and rerun")
-        except OSError as err:
-            raise UserError(f"cannot read {path!r} ({err}): is it an image or slide file?")
+        except (OSError, ValueError, SyntaxError) as err:
+            raise UserError(f"cannot read {path!r} ({printable(err)}): is it a PNG, JPEG, TIFF, BMP, GIF or "
+                            "WebP image, or a slide file for openslide?")
         self.size = self.image.size
 
     def region(self, x, y, size):
@@ -58,8 +61,11 @@ class OpenSlideSlide:
 
 
 def open_slide(path):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"slide {path!r} not found: set slide_path in Config.py or pass --slide_path=FILE")
+    if not os.path.isfile(path):
+        raise UserError(f"slide {path!r} is not a regular file (a folder, pipe or device): "
+                        "set slide_path to an image or slide file")
     if path.lower().endswith(_PYRAMID_EXTENSIONS):
         try:
             import openslide
@@ -111,9 +117,9 @@ def prepare_tiles(cfg):
             continue
         write_png(os.path.join(cfg.tiles_output_folder, f"{stem}_x{x:06d}_y{y:06d}.png"), np.asarray(tile))
         kept += 1
-    print(f"{cfg.slide_path}: {width} x {height} pixels, {len(origins)} positions; kept {kept} tiles in "
-          f"{cfg.tiles_output_folder}, dropped {dropped_background} mostly background"
-          + (f" and {dropped_excluded} overlapping {cfg.exclude_tiles_in}" if excluded else "") + ".")
+    print(f"{printable(cfg.slide_path)}: {width} x {height} pixels, {len(origins)} positions; kept {kept} tiles "
+          f"in {printable(cfg.tiles_output_folder)}, dropped {dropped_background} mostly background"
+          + (f" and {dropped_excluded} overlapping {printable(cfg.exclude_tiles_in)}" if excluded else "") + ".")
     return kept
 
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import Extract_Features
 import evaluation_engine
+import inference
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
@@ -368,7 +369,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes, reference):
         return rates[best], best, ", ".join(f"num_workers={w}: {r:.2f} img/s" for w, r in rates.items())
 
     our_eval, eval_workers, eval_rates = fastest(our_evaluation)
-    model = evaluation_engine.load_model(model_path, device)
+    model = inference.load_model(model_path, device)
     tiles = decoded(paths, plan.tile, device)
 
     @torch.inference_mode()
@@ -396,7 +397,7 @@ def device_rows(device, plan, paths, model_path, work_dir, notes, reference):
 def fixed_costs(model, tiles, paths, plan, model_path, out, device, our_eval, our_feat):
     """Where the engines' time goes beyond the forward pass, for one run over the tiles."""
     n = len(paths)
-    load = seconds_of(lambda: evaluation_engine.load_model(model_path, device), device)
+    load = seconds_of(lambda: inference.load_model(model_path, device), device)
     with torch.inference_mode():
         recon = torch.cat([model(chunk).float() for chunk in tiles.split(plan.batch)])
     originals = tiles.mul(255).round().to(torch.uint8).cpu()

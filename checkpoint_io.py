@@ -1,45 +1,26 @@
 """Saving and loading checkpoints safely.
 
-Saving is atomic (temporary file in the same folder, then rename), so a crash or kill at any moment
-leaves the previous file intact. Loading uses weights_only=True, so a checkpoint can never run code,
+Saving is atomic (outputs.atomic_write), so a crash, a kill or a full disk at any moment leaves the
+previous file intact. Loading uses weights_only=True, so a checkpoint can never run code,
 and accepts our training checkpoints, bare state dicts, DataParallel/DDP ("module.") and
-torch.compile ("_orig_mod.") prefixes, and float16 weights; anything else is one clear error.
+torch.compile ("_orig_mod.") prefixes, and float16 weights; anything else (sparse, integer, complex or
+non-finite weights included) is one clear error.
 """
 import os
 import pickle
-import tempfile
+import stat
+import warnings
 
 import torch
 
 from cli import UserError
+from outputs import atomic_write
 
 _PREFIXES = ("module.", "_orig_mod.")
-_UMASK = os.umask(0)  # read once at import: os.umask can only be read by setting it, racing other threads
-os.umask(_UMASK)
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then move tmp_path onto path in one step."""
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {path!r}: it is a folder; give a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(handle)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); results should be shareable
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save(obj, path):
-    """torch.save, atomically."""
+    """torch.save, atomically (outputs.atomic_write)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
@@ -53,12 +34,17 @@ def load(path):
     path = os.fspath(path)
     if os.path.isdir(path):
         raise UserError(f"checkpoint {path!r} is a folder, not a .pth file: check the model path in Config.py")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"checkpoint {path!r} not found: check the model path in Config.py")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise UserError(f"checkpoint {path!r} is not a regular file (a pipe or a device): "
+                        "check the model path in Config.py")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path!r} is empty (0 bytes): re-copy or re-train it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns of odd content (sparse tensors); our checks report it
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's text is a paragraph with terminal colour codes; its "WeightsUnpickler error" line names
         # what the file wanted to build (such as "GLOBAL builtins.open").
@@ -96,6 +82,24 @@ def extract_state_dict(obj, path):
     return cleaned
 
 
+def check_values(state, expected, path):
+    """UserError unless every tensor of state is dense, of the kind (floating point or integer) of the
+    model's tensor of that name, and finite: anything else would be converted silently, or give NaN metrics."""
+    for key, value in state.items():
+        kind = ("a sparse" if value.layout != torch.strided else "a quantized" if value.is_quantized
+                else "a complex" if value.is_complex()
+                else "an integer" if expected[key].is_floating_point() and not value.is_floating_point()
+                else "a floating-point" if not expected[key].is_floating_point() and value.is_floating_point()
+                else None)
+        if kind:
+            raise UserError(f"checkpoint {path!r} holds {kind} tensor {key} ({value.dtype}) where the AutoEncoder "
+                            f"has a dense {expected[key].dtype} one: re-save it as a plain state dict of this model")
+    broken = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if broken:
+        raise UserError(f"checkpoint {path!r} holds NaN or infinite weights ({len(broken)} tensors, first "
+                        f"{broken[0]}): the training that wrote it diverged; use an earlier checkpoint")
+
+
 def load_weights(model, path):
     """Load a checkpoint's weights into model, all or nothing. Returns the loaded object."""
     path = os.fspath(path)
@@ -116,5 +120,6 @@ def load_weights(model, path):
     if problems:
         raise UserError(f"checkpoint {path!r} does not fit the AutoEncoder ({'; '.join(problems)}): "
                         "is it a model of this project?")
+    check_values(state, expected, path)
     model.load_state_dict({k: state[k].to(expected[k].dtype) for k in expected}, strict=True)
     return obj

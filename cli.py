@@ -371,22 +371,3 @@ def autocast(device_type, amp_dtype):
 def precision_name(amp_dtype):
     """How logs and workbooks name the precision autocast_dtype chose."""
     return "fp32" if amp_dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
-
-
-def check_writable(folder):
-    """Create folder if needed and prove a file can be written there, before any work starts."""
-    folder = folder or "."
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as err:
-        # "File exists" or "Not a directory" alone hides the cause: a file where a folder must go.
-        existing = os.path.abspath(folder)
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing)
-        reason = f"{existing} is a file" if os.path.isfile(existing) else err.strerror
-        raise UserError(f"cannot write to output folder {folder!r} ({reason}): "
-                        "choose another folder or fix its permissions")

@@ -25,10 +25,11 @@ import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
 from augmentation import prepare_batch
-from cli import (UserError, autocast, autocast_dtype, check_writable, gpu_ids, load_config, precision_mode,
+from cli import (UserError, autocast, autocast_dtype, gpu_ids, load_config, precision_mode,
                  precision_name, run_main, select_device, worker_count)
-from evaluation_engine import reconstruct
+from inference import reconstruct
 from metrics import LOSSES
+from outputs import check_writable
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 INTERRUPT_NAME = "Model_AE_interrupt.pth"

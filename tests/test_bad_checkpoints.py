@@ -104,9 +104,10 @@ def mismatches(state):
     }
 
 
-@pytest.mark.parametrize("case", ["other architecture", "missing key", "extra key", "wrong shape"])
+@pytest.mark.parametrize("case", ["other architecture", "missing key", "extra key", "wrong shape", "sparse",
+                                  "integer", "complex", "NaN", "Inf", "float step counter"])
 def test_mismatch_names_the_keys_and_leaves_the_model_untouched(tmp_path, state, case):
-    obj, expected_words = mismatches(state)[case]
+    obj, expected_words = {**mismatches(state), **hostile_weights(state)}[case]
     path = tmp_path / "other.pth"
     torch.save(obj, path)
     model = AutoEncoder()
@@ -179,4 +180,45 @@ def test_evaluation_with_a_bad_checkpoint_is_one_error(tmp_path, one_tile, state
     result = run("Evaluation_MSE.py", *eval_args(one_tile, path, tmp_path / "out"), cwd=tmp_path)
     line = error_line(result)
     assert str(path) in line
+    assert not (tmp_path / "out" / "metrics.xlsx").exists()
+
+
+def hostile_weights(state):
+    """Checkpoints of the right keys and shapes whose tensors are no usable weights; words of their errors."""
+    key = "encoder.0.weight"
+    return {
+        "sparse": ({**state, key: state[key].to_sparse()}, ["sparse"]),
+        "integer": ({**state, key: state[key].mul(100).to(torch.int32)}, ["integer"]),
+        "complex": ({**state, key: state[key].to(torch.complex64)}, ["complex"]),
+        "NaN": ({**state, key: state[key].clone().index_fill_(0, torch.tensor([3]), float("nan"))},
+                ["NaN or infinite"]),
+        "Inf": ({**state, "decoder.15.bias": torch.full((3,), float("inf"))}, ["NaN or infinite"]),
+        "float step counter": ({**state, "encoder.1.num_batches_tracked": torch.tensor(1.5)}, ["floating-point"]),
+    }
+
+
+def test_evaluation_with_a_diverged_model_is_one_error(tmp_path, one_tile, state):
+    path = tmp_path / "diverged.pth"
+    torch.save(hostile_weights(state)["NaN"][0], path)
+    result = run("Evaluation_MSE.py", *eval_args(one_tile, path, tmp_path / "out"), cwd=tmp_path)
+    line = error_line(result)
+    assert str(path) in line and "NaN or infinite weights" in line and "diverged" in line
+    assert not (tmp_path / "out" / "metrics.xlsx").exists()
+
+
+def test_evaluation_stops_when_the_output_is_not_finite(tmp_path, one_tile, monkeypatch):
+    """Finite weights can still give NaN (an overflow in half precision): no workbook of NaN means."""
+    import evaluation_engine
+    from cli import load_config
+    from inference import reconstruct
+
+    def overflowing(*args):
+        originals, reconstructions, metrics = reconstruct(*args)
+        return originals, reconstructions, {name: value * float("nan") for name, value in metrics.items()}
+
+    monkeypatch.setattr(evaluation_engine, "reconstruct", overflowing)
+    torch.save(AutoEncoder().state_dict(), tmp_path / "model.pth")
+    cfg = load_config(eval_args(one_tile, tmp_path / "model.pth", tmp_path / "out"))
+    with pytest.raises(UserError, match="NaN or infinite output for 1 tile"):
+        evaluation_engine.evaluate(cfg, "mse")
     assert not (tmp_path / "out" / "metrics.xlsx").exists()

@@ -16,12 +16,15 @@ from PIL import Image
 
 import Dataset
 import checkpoint_io
-import evaluation_engine
+import inference
+import outputs
+import report
 import training_engine
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder, find_images, load_image
 from cli import UserError
 from conftest import REPO, script_env, tile_array
+from outputs import printable
 
 TILE = 32
 LATIN1_NAME = os.fsdecode(b"latin1_caf\xe9.png")  # a name that is not UTF-8, as copied from an old system
@@ -29,8 +32,8 @@ LATIN1_BAD = os.fsdecode(b"broken_caf\xe9.jpg")
 
 
 def in_workbook(path):
-    """How a path appears in the workbook: bytes that are not UTF-8 become U+FFFD."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    """How a path appears in the workbook: bytes that are not UTF-8 become \\xNN (outputs.printable)."""
+    return printable(path)
 
 
 def run(script, *args, cwd, env=()):
@@ -177,12 +180,12 @@ def skip_warnings(stdout):
     return [line for line in stdout.splitlines() if line.startswith("warning: skipped ")]
 
 
-def assert_one_warning_per_bad_file(stdout, bad, errors="surrogateescape"):
-    """errors: how the script's stdout shows bytes of a file name that are not UTF-8."""
+def assert_one_warning_per_bad_file(stdout, bad):
+    """Bytes of a file name that are not UTF-8 are shown as \\xNN (outputs.printable)."""
     warnings = skip_warnings(stdout)
     assert len(warnings) == len(bad), stdout
     for path, reason in bad.items():
-        shown = path.encode("utf-8", errors).decode("utf-8", "surrogateescape")
+        shown = printable(path)
         matching = [w for w in warnings if w.startswith(f"warning: skipped {shown}: ")]
         assert len(matching) == 1 and reason in matching[0], (path, warnings)
 
@@ -193,7 +196,7 @@ def test_evaluation_of_a_hostile_folder(hostile, model_file):
     result = run("Evaluation_MSE.py", *eval_args(name, model_file, "out"), cwd=root,
                  env={"PYTHONIOENCODING": "utf-8:strict"})
     assert result.returncode == 0, result.stderr
-    assert_one_warning_per_bad_file(result.stdout, bad, errors="backslashreplace")
+    assert_one_warning_per_bad_file(result.stdout, bad)
     assert not any("x.png:" in w for w in skip_warnings(result.stdout)), "a folder named x.png is searched"
 
     book = openpyxl.load_workbook(root / "out" / "metrics.xlsx")
@@ -204,7 +207,7 @@ def test_evaluation_of_a_hostile_folder(hostile, model_file):
     skipped = {row[0].value: row[1].value for row in book["Skipped"].iter_rows(min_row=2)}
     assert set(skipped) == set(map(in_workbook, bad))
     assert all(reason in skipped[in_workbook(path)] for path, reason in bad.items())
-    folder_cell = next(row[1] for row in book["Summary"].iter_rows() if row[0].value == "Image folder")
+    folder_cell = next(row[1] for row in book["Run"].iter_rows() if row[0].value == "Image folder")
     assert folder_cell.value == name and folder_cell.data_type == "s"
 
     pngs = [p.relative_to(root / "out" / "png") for p in (root / "out" / "png").rglob("*.png") if p.is_file()]
@@ -249,7 +252,7 @@ def test_non_square_is_centre_cropped_then_resized(tmp_path, width, height):
 
 
 def test_training_and_evaluation_decode_through_the_same_code(tmp_path):
-    assert training_engine.ImageFolder is evaluation_engine.ImageFolder is Dataset.ImageFolder
+    assert training_engine.ImageFolder is inference.ImageFolder is Dataset.ImageFolder
     tile(0, 90, 30).save(tmp_path / "wide.png")
     tile(1, 10, 10).save(tmp_path / "tiny.jpg")
     dataset = ImageFolder(tmp_path, TILE)
@@ -311,7 +314,7 @@ def test_comparison_names_are_unique_even_when_stems_clash(tmp_path):
     names = ["a.png", "a.jpg", "a_png.bmp", "B.png", "b.jpg", os.path.join("s1", "t.png"),
              os.path.join("s2", "t.png"), LATIN1_NAME, "x" * 300 + ".png", "x" * 300 + ".jpg"]
     paths = [str(tmp_path / n) for n in names]
-    out = evaluation_engine.comparison_names(paths, str(tmp_path))
+    out = report.comparison_names(paths, str(tmp_path))
     assert len({name.casefold() for name in out.values()}) == len(names)
     for name in out.values():
         assert name.endswith("_comparison.png") and len(os.fsencode(os.path.basename(name))) <= 255
@@ -323,7 +326,7 @@ def test_workbook_never_turns_a_path_into_a_formula(tmp_path):
     paths = [f"{prefix}tile {i}.png" for i, prefix in enumerate(("=", "+", "-", "@", "=HYPERLINK(\"x\")"))]
     rows = [{"Image Path": p, "MSE": 0.1, "PSNR": 10.0, "SSIM": 0.5} for p in paths]
     skipped = {"=bad.png": "empty file (0 bytes)", "@other.jpg": "=not a formula either"}
-    evaluation_engine.write_workbook(str(tmp_path / "m.xlsx"), rows, skipped, "=model.pth", "+folder")
+    report.write_workbook(str(tmp_path / "m.xlsx"), rows, skipped, "=model.pth", "+folder")
     book = openpyxl.load_workbook(tmp_path / "m.xlsx")
     metric_cells = [row[0] for row in book["Metrics"].iter_rows(min_row=2)]
     assert [c.value for c in metric_cells] == paths and all(c.data_type == "s" for c in metric_cells)
@@ -400,5 +403,5 @@ def test_workbook_path_that_is_a_folder_fails_before_any_work(tmp_path):
 def test_atomic_write_onto_a_folder_is_a_user_error(tmp_path):
     (tmp_path / "loss.csv").mkdir()
     with pytest.raises(UserError, match="is a folder"):
-        checkpoint_io.atomic_write(str(tmp_path / "loss.csv"), lambda tmp: open(tmp, "w").close())
+        outputs.atomic_write(str(tmp_path / "loss.csv"), lambda tmp: open(tmp, "w").close())
     assert sorted(os.listdir(tmp_path)) == ["loss.csv"]

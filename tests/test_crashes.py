@@ -124,7 +124,7 @@ def test_evaluation_killed_leaves_no_corrupt_workbook(tmp_path):
 
     # Killed with the new workbook fully written to its temporary file, just before it replaces the old one.
     (out / "metrics.xlsx").write_bytes(earlier)
-    late = run_killed(tmp_path, "checkpoint_io", "atomic_write",
+    late = run_killed(tmp_path, "report", "atomic_write",
                       "original(args[0], lambda tmp: (args[1](tmp), os.kill(os.getpid(), signal.SIGKILL)))",
                       "Evaluation_MSE.py", *args)
     assert late.returncode == -signal.SIGKILL

@@ -13,8 +13,11 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 import checkpoint_io
 import evaluation_engine
+import inference
+import report
 from Auto_encoder import AutoEncoder
-from Dataset import find_images, load_image, png_bytes
+from Dataset import find_images, load_image
+from outputs import png_bytes
 from cli import UserError, autocast_dtype, load_config
 from conftest import REPO, SAMPLE_TILES, tile_array
 
@@ -43,7 +46,7 @@ def model_output(model_path, image_paths, tile_size, precision="off"):
     """uint8 originals, float originals and the model's float reconstructions, computed here without the
     evaluation loop: the tiles as Dataset decodes them, straight through the loaded network (one batch)."""
     images = torch.stack([load_image(str(p), tile_size) for p in image_paths])
-    model = evaluation_engine.load_model(str(model_path), torch.device("cpu"))
+    model = inference.load_model(str(model_path), torch.device("cpu"))
     originals = images.float() / 255
     amp_dtype = autocast_dtype(torch.device("cpu"), precision)
     with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -62,7 +65,8 @@ def read_workbook(path):
 
 
 def summary_rows(sheets):
-    return {row[0]: row[1:] for row in sheets["Summary"] if row and row[0] is not None}
+    """Summary's statistics and Run's items, by their first cell."""
+    return {row[0]: row[1:] for name in ("Summary", "Run") for row in sheets[name] if row and row[0] is not None}
 
 
 def eval_args(folder, model, out, batch, loss="mse"):
@@ -102,7 +106,7 @@ def test_evaluation_outputs(workdir, model_path, run_script):
 
     inputs = sorted(os.path.join("tiles", name) for name in IMAGES)
     sheets = read_workbook(workdir / "out" / "metrics.xlsx")
-    assert {"Metrics", "Summary", "Skipped"} <= set(sheets)
+    assert list(sheets) == ["Metrics", "Summary", "Run", "Skipped"]
     metrics_sheet = sheets["Metrics"]
     assert metrics_sheet[0] == COLUMNS
     rows = [dict(zip(COLUMNS, row)) for row in metrics_sheet[1:]]
@@ -124,11 +128,11 @@ def test_evaluation_outputs(workdir, model_path, run_script):
             assert isinstance(row[name], float)
             assert agrees(row[name], reference[name], name), (row["Image Path"], name)
 
-    # Each PNG is evaluation_engine.comparison_image of the tile and its 8-bit reconstruction.
+    # Each PNG is report.comparison_image of the tile and its 8-bit reconstruction.
     recon_u8 = reconstructions.mul(255).round().to(torch.uint8)
     for i, row in enumerate(rows):
         label = os.path.relpath(row["Image Path"], "tiles")
-        expected = evaluation_engine.comparison_image(images[i], recon_u8[i], row, label)
+        expected = report.comparison_image(images[i], recon_u8[i], row, label)
         with Image.open(recon_dir / (os.path.splitext(label)[0] + "_comparison.png")) as png:
             assert png.size == expected.size
             difference = np.abs(np.asarray(png.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int))
@@ -231,7 +235,7 @@ def test_checkpoint_layouts_load(tmp_path, model_path, name):
         assert torch.equal(loaded[key], value.to(state[key].dtype)), key
 
     # The inference model (BatchNorm folded into the convolutions) computes what the plain network does.
-    model = evaluation_engine.load_model(str(path), torch.device("cpu"))
+    model = inference.load_model(str(path), torch.device("cpu"))
     assert not model.training
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     reference = AutoEncoder()
@@ -246,7 +250,7 @@ def test_checkpoint_with_extra_keys_is_refused(tmp_path, model_path):
     state["head.weight"] = torch.zeros(3)
     torch.save(state, tmp_path / "extra.pth")
     with pytest.raises(UserError, match="head.weight"):
-        evaluation_engine.load_model(str(tmp_path / "extra.pth"), torch.device("cpu"))
+        inference.load_model(str(tmp_path / "extra.pth"), torch.device("cpu"))
 
 
 def test_checkpoint_that_does_not_fit_exits_2_naming_keys(workdir, model_path, run_script):

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 
 import Extract_Features
+import inference
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
 from cli import autocast_dtype, load_config
 from conftest import REPO, script_env, tile_array
-from evaluation_engine import load_model
+from inference import load_model
 
 TILE = 64
 HEADER = [f"Feature_{i}" for i in range(1, 513)] + ["File_Path"]
@@ -146,7 +147,7 @@ def test_only_the_encoder_runs(workspace, monkeypatch):
         model.decoder = Forbidden()
         return model
 
-    monkeypatch.setattr(Extract_Features, "load_model", encoder_only)
+    monkeypatch.setattr(inference, "load_model", encoder_only)
     monkeypatch.chdir(workspace)
     cfg = load_config(["--folder_path_features=tiles", "--model_path_ssim=model.pth", f"--tile_size={TILE}",
                        "--num_workers=0", "--GPUs=cpu", "--features_output=inproc/features.csv"])

@@ -58,3 +58,49 @@ def test_missing_slide_is_one_line_exit_2(tmp_path, run_script):
     result = run_script("Prepare_Tiles.py", "--slide_path=nowhere.svs", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.startswith("error: slide 'nowhere.svs' not found") and result.stderr.count("\n") == 1
+
+
+def tile_names(folder):
+    return sorted(os.listdir(folder))
+
+
+def test_transparent_areas_are_glass_not_tissue(tmp_path, run_script):
+    """A slide exported with an alpha channel: the transparent half (RGBA 0, 0, 0, 0) is background."""
+    pixels = np.zeros((64, 128, 4), dtype=np.uint8)
+    pixels[:, :64, :3] = np.random.default_rng(3).integers(60, 180, (64, 64, 3), dtype=np.uint8)
+    pixels[:, :64, 3] = 255
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "slide.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
+    with Image.open(tmp_path / "tiles" / "slide_x000000_y000000.png") as tile:
+        assert np.array_equal(np.asarray(tile), pixels[:, :64, :3])
+
+
+def test_16_bit_slides_are_scaled_not_clipped(tmp_path, run_script):
+    """A 16-bit grayscale slide: tissue at about half intensity on the left, glass near white on the right."""
+    pixels = np.full((64, 128), 64000, dtype=np.uint16)
+    pixels[:, :64] = 30000
+    Image.fromarray(pixels).save(tmp_path / "slide.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
+    with Image.open(tmp_path / "tiles" / "slide_x000000_y000000.png") as tile:
+        assert np.abs(np.asarray(tile, dtype=int) - round(30000 / 65535 * 255)).max() <= 1
+
+
+def test_exif_rotation_is_applied(tmp_path, run_script):
+    """Stored 128 wide and 64 high with tissue on the left; EXIF orientation 6 turns it upright to 64 x 128
+    with the tissue on top, where the tile positions refer to."""
+    stored = np.full((64, 128, 3), 245, dtype=np.uint8)
+    stored[:, :64] = 90
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "slide.jpg", exif=exif, quality=95)
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.jpg", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "64 x 128 pixels" in result.stdout
+    assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]

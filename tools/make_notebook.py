@@ -29,7 +29,7 @@ Load a trained autoencoder, reconstruct a few tiles and look at them: the origin
 reconstructions below, with MSE, SSIM and PSNR under each reconstruction.
 
 The tiles are read, resized and scaled exactly as training and `Evaluation_*.py` read them (the
-project's `Dataset`, `evaluation_engine` and `metrics` modules), so the numbers here are the numbers of
+project's `Dataset`, `inference` and `metrics` modules), so the numbers here are the numbers of
 the evaluation workbook. Run the notebook from the repository root; edit only the next cell."""
 
 SETTINGS = """\
@@ -59,12 +59,10 @@ LOAD = """\
 import os
 
 import matplotlib.pyplot as plt
-import torch
 
-import Config
-from Dataset import ImageFolder, SkipLog, collate
-from cli import autocast_dtype, precision_name, select_device
-from evaluation_engine import load_model, reconstruct
+from Dataset import SkipLog
+from cli import load_config, precision_name
+from inference import reconstruct, setup
 
 # Reconstructing a whole folder is a job for Evaluation_*.py; beyond this many tiles the notebook only
 # reconstructs the tiles it shows.
@@ -72,22 +70,19 @@ FOLDER_AVERAGE_LIMIT = 256
 
 if not os.path.isfile(model_path):
     raise FileNotFoundError(f"model_path {model_path!r} not found in {os.getcwd()}: set model_path in the first code cell")
-device = select_device(Config.GPUs)
-amp_dtype = autocast_dtype(device, Config.mixed_precision)  # as the Evaluation scripts
-model = load_model(model_path, device)
-dataset = ImageFolder(image_folder, tile_size)
-loader = torch.utils.data.DataLoader(dataset, batch_size=max_images, collate_fn=collate)
-whole_folder = len(dataset) <= FOLDER_AVERAGE_LIMIT
-print(f"Model {model_path} on {device} in {precision_name(amp_dtype)}; {len(dataset)} image files in {image_folder}.")
+# Device (GPUs) and precision (mixed_precision) from Config.py, set up as the Evaluation scripts do.
+run = setup(load_config([f"--tile_size={tile_size}", "--num_workers=0"]), image_folder, model_path, batch_size=max_images)
+whole_folder = len(run.dataset) <= FOLDER_AVERAGE_LIMIT
+print(f"Model {model_path} on {run.device} in {precision_name(run.amp_dtype)}; {len(run.dataset)} image files in {image_folder}.")
 
 skips = SkipLog()
 shown = []  # (path, original, reconstruction, {metric: value}) of the tiles drawn below
 folder_metrics = {"MSE": [], "SSIM": [], "PSNR": []}
-for images, paths, skipped in loader:
+for images, paths, skipped in run.loader:
     skips.add(skipped)
     if not paths:
         continue
-    originals, reconstructions, metrics = reconstruct(model, images, device, amp_dtype)
+    originals, reconstructions, metrics = reconstruct(run.model, images, run.device, run.amp_dtype)
     values = {name: metrics[name].cpu().tolist() for name in folder_metrics}
     for name in folder_metrics:
         folder_metrics[name] += values[name]
@@ -140,7 +135,7 @@ report(f"the {len(shown)} images shown", {name: [values[name] for *_, values in 
 if whole_folder:
     report(f"all {len(folder_metrics['MSE'])} images in {image_folder}", folder_metrics)
 else:
-    print(f"{len(dataset)} files in {image_folder}: more than {FOLDER_AVERAGE_LIMIT}, so no folder average here; "
+    print(f"{len(run.dataset)} files in {image_folder}: more than {FOLDER_AVERAGE_LIMIT}, so no folder average here; "
           "Evaluation_SSIM.py / Evaluation_MSE.py compute it.")"""
 
 
