@@ -63,7 +63,7 @@ tiles_output_folder = "training_tiles"  # where Prepare_Tiles.py writes <slide>_
 tile_stride = 256                   # pixels between neighbouring tile origins (below tile_size = overlapping tiles)
 tissue_fraction = 0.5               # keep a tile when at least this fraction of its pixels is tissue
 background_gray = 220               # a pixel whose mean of R, G, B is at least this counts as glass background
-exclude_tiles_in = ""               # folder of position-named tiles (such as input_images) whose areas are left out
+exclude_tiles_in = "input_images"   # held-out tiles named <slide>_x<X>_y<Y>.png: their areas of that slide are not cut ("" = none)
 
 #------------------------------------------------------------------
 # Encoder features for DeepCluster++ (Extract_Features.py)

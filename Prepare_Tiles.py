@@ -4,8 +4,8 @@
 
 Tiles are tile_size x tile_size PNGs named <slide>_x<X>_y<Y>.png (pixel position of the top-left corner
 at full resolution). A tile is kept when at least tissue_fraction of its pixels are darker than
-background_gray. Tiles overlapping any tile named in exclude_tiles_in are left out, so a held-out
-set stays held out.
+background_gray. Tiles overlapping a tile of the same slide in exclude_tiles_in (named
+<slide>_x<X>_y<Y>.png; by default the held-out input_images/) are left out, so a held-out set stays held out.
 """
 import os
 import re
@@ -76,16 +76,18 @@ def open_slide(path):
     return PillowSlide(path)
 
 
-def excluded_boxes(folder, tile_size):
-    """(x, y, x + size, y + size) of every position-named tile in folder."""
+def excluded_boxes(folder, stem, tile_size):
+    """(x, y, x + size, y + size) of every tile of slide stem named in folder (<stem>_x<X>_y<Y>.png):
+    tiles named after another slide cover other tissue and exclude nothing."""
     if not folder:
         return []
     if not os.path.isdir(folder):
-        raise UserError(f"exclude_tiles_in={folder!r} is not a folder")
+        raise UserError(f"exclude_tiles_in={folder!r} is not a folder: give the folder of held-out tiles, "
+                        "or pass --exclude_tiles_in= to exclude nothing")
     boxes = []
     for name in os.listdir(folder):
         match = _POSITION.search(name)
-        if match:
+        if match and name[:match.start()] == stem:
             x, y = int(match.group(1)), int(match.group(2))
             boxes.append((x, y, x + tile_size, y + tile_size))
     return boxes
@@ -102,8 +104,8 @@ def prepare_tiles(cfg):
         raise UserError("tile_size and tile_stride must be at least 1")
     check_writable(cfg.tiles_output_folder)
     slide = open_slide(cfg.slide_path)
-    excluded = excluded_boxes(cfg.exclude_tiles_in, size)
     stem = os.path.splitext(os.path.basename(cfg.slide_path))[0]
+    excluded = excluded_boxes(cfg.exclude_tiles_in, stem, size)
     width, height = slide.size
     origins = [(x, y) for y in range(0, height - size + 1, stride) for x in range(0, width - size + 1, stride)]
     kept = dropped_background = dropped_excluded = 0

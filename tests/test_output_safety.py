@@ -220,7 +220,7 @@ def test_tiles_are_never_left_half_written(tmp_path):
     Image.fromarray(rng.integers(0, 200, (64, 128, 3), dtype=np.uint8)).save(tmp_path / "slide.png")
     result = subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "4096", str(REPO / "Prepare_Tiles.py"),
                              "--slide_path=slide.png", "--tiles_output_folder=tiles", "--tile_size=64",
-                             "--tile_stride=64"], cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL,
+                             "--tile_stride=64", "--exclude_tiles_in="], cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     line = result.stderr.splitlines()[-1]  # after the progress bar

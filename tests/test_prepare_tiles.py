@@ -22,7 +22,7 @@ def make_slide(path):
 def test_tiles_are_the_slide_pixels_and_background_is_dropped(tmp_path, run_script):
     pixels = make_slide(tmp_path / "slide.png")
     result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
-                        "--tile_size=64", "--tile_stride=32", cwd=tmp_path)
+                        "--tile_size=64", "--tile_stride=32", "--exclude_tiles_in=", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     names = sorted(os.listdir(tmp_path / "tiles"))
     # Origins every 32 pixels: x in 0..128, y in 0..64. Tissue covers x < 96, so a tile is kept when at least
@@ -54,6 +54,27 @@ def test_positions_of_held_out_tiles_are_excluded(tmp_path, run_script):
     assert "overlapping held_out" in result.stdout
 
 
+def test_held_out_tiles_of_another_slide_exclude_nothing(tmp_path, run_script):
+    """The default exclude_tiles_in is input_images: its tiles are of the shipped slide, so cutting any
+    other slide must keep every position."""
+    make_slide(tmp_path / "slide.png")
+    (tmp_path / "input_images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "input_images" / "other_slide_x000000_y000000.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "kept 9 tiles" in result.stdout
+
+
+def test_missing_held_out_folder_is_one_line_exit_2(tmp_path, run_script):
+    make_slide(tmp_path / "slide.png")
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
+                        "--tile_size=64", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: exclude_tiles_in='input_images' is not a folder")
+    assert result.stderr.count("\n") == 1
+
+
 def test_missing_slide_is_one_line_exit_2(tmp_path, run_script):
     result = run_script("Prepare_Tiles.py", "--slide_path=nowhere.svs", cwd=tmp_path)
     assert result.returncode == 2
@@ -71,7 +92,7 @@ def test_transparent_areas_are_glass_not_tissue(tmp_path, run_script):
     pixels[:, :64, 3] = 255
     Image.fromarray(pixels, "RGBA").save(tmp_path / "slide.png")
     result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
-                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+                        "--tile_size=64", "--tile_stride=64", "--exclude_tiles_in=", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
     with Image.open(tmp_path / "tiles" / "slide_x000000_y000000.png") as tile:
@@ -84,7 +105,7 @@ def test_16_bit_slides_are_scaled_not_clipped(tmp_path, run_script):
     pixels[:, :64] = 30000
     Image.fromarray(pixels).save(tmp_path / "slide.png")
     result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--tiles_output_folder=tiles",
-                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+                        "--tile_size=64", "--tile_stride=64", "--exclude_tiles_in=", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
     with Image.open(tmp_path / "tiles" / "slide_x000000_y000000.png") as tile:
@@ -100,7 +121,7 @@ def test_exif_rotation_is_applied(tmp_path, run_script):
     exif[0x0112] = 6
     Image.fromarray(stored).save(tmp_path / "slide.jpg", exif=exif, quality=95)
     result = run_script("Prepare_Tiles.py", "--slide_path=slide.jpg", "--tiles_output_folder=tiles",
-                        "--tile_size=64", "--tile_stride=64", cwd=tmp_path)
+                        "--tile_size=64", "--tile_stride=64", "--exclude_tiles_in=", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "64 x 128 pixels" in result.stdout
     assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
