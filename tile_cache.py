@@ -1,0 +1,205 @@
+"""Decoded training tiles kept in memory (Config.cache_tiles), so that epochs after the first read no file.
+
+Every tile is decoded once, by loader workers, into one uint8 N x 3 x H x W tensor; the cached dataset then
+returns the same items as Dataset.ImageFolder (same tensors, paths and unreadable-file errors), so batches
+are identical with and without the cache.
+
+The cache lives in ordinary host memory, not pinned memory: Dataset.collate copies each batch out of it
+into a fresh tensor, and only that tensor (pinned by the DataLoader) travels to the GPU, so pinning the
+cache would lock memory the system cannot reclaim and speed up nothing.
+"""
+import os
+
+import torch
+from tqdm import tqdm
+
+from cli import cpu_count
+from Dataset import ignore_interrupts, start_batches
+
+DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache
+NO_LIMIT = 2 ** 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def tile_bytes(count, tile_size):
+    """Bytes of count decoded tiles: 3 x tile_size x tile_size uint8 each."""
+    return count * 3 * tile_size * tile_size
+
+
+def _read_number(path):
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except (OSError, ValueError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _meminfo_available():
+    """MemAvailable of /proc/meminfo in bytes (Linux), else free pages x page size, else None."""
+    try:
+        with open("/proc/meminfo") as file:
+            for line in file:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _cgroup_folders(root, membership):
+    """The memory cgroup folders that hold this process (its own and every ancestor), v2 and v1 layouts.
+    membership: the lines of /proc/self/cgroup."""
+    folders = []
+    for line in membership:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        base = {"": root, "memory": os.path.join(root, "memory")}.get(controllers)
+        if base is None:
+            continue
+        here = os.path.join(base, path.lstrip("/"))
+        if not os.path.isdir(here):  # a container shows the host's path but mounts its own cgroup as the root
+            here = base
+        while True:
+            folders.append(here)
+            if os.path.normpath(here) == os.path.normpath(base):
+                break
+            here = os.path.dirname(here)
+    return folders
+
+
+def _cgroup_headroom(root="/sys/fs/cgroup", membership_file="/proc/self/cgroup"):
+    """The least memory any of this process's cgroups (a scheduler's job limit) can still grant, or None.
+    Page cache that the cgroup can drop (inactive file pages) counts as free, as the kernel treats it."""
+    try:
+        with open(membership_file) as file:
+            membership = file.read().splitlines()
+    except OSError:  # not Linux
+        return None
+    headrooms = []
+    for folder in _cgroup_folders(root, membership):
+        for limit_name, usage_name, cache_key in (("memory.max", "memory.current", "inactive_file"),
+                                                  ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                   "total_inactive_file")):
+            limit = _read_number(os.path.join(folder, limit_name))
+            usage = _read_number(os.path.join(folder, usage_name))
+            if limit is None or usage is None or limit >= NO_LIMIT:
+                continue
+            reclaimable = 0
+            try:
+                with open(os.path.join(folder, "memory.stat")) as file:
+                    stats = dict(line.split()[:2] for line in file if len(line.split()) >= 2)
+                reclaimable = int(stats.get(cache_key, 0))
+            except (OSError, ValueError):
+                pass
+            headrooms.append(max(0, limit - usage + reclaimable))
+    return min(headrooms) if headrooms else None
+
+
+def available_memory():
+    """Bytes this process can still allocate without swapping or meeting its scheduler's limit, or None
+    where that cannot be read."""
+    known = [value for value in (_meminfo_available(), _cgroup_headroom()) if value is not None]
+    return min(known) if known else None
+
+
+class CachedTiles(torch.utils.data.Dataset):
+    """An ImageFolder whose tiles are all decoded already: items are views into one uint8 tensor (collate
+    copies them out), and unreadable files return the error their decoding gave."""
+
+    def __init__(self, source, images, errors):
+        self.folder = getattr(source, "folder", None)
+        self.tile_size = source.tile_size
+        self.paths = list(source.paths)
+        self.images = images
+        self.errors = errors
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        error = self.errors.get(index)
+        if error is not None:
+            return {"image": None, "path": self.paths[index], "error": error}
+        return {"image": self.images[index], "path": self.paths[index], "error": None}
+
+
+def _stack_with_errors(items):
+    """collate_fn of the caching loader: (readable images stacked, error or None per item, in order)."""
+    good = [item["image"] for item in items if item["image"] is not None]
+    stacked = torch.stack(good) if good else None
+    return stacked, [item["error"] if item["image"] is None else None for item in items]
+
+
+def fill(dataset, images, workers, progress=True):
+    """Decode every item of dataset into images (N x 3 x H x W uint8) -> {index: error} of unreadable files."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
+                                         collate_fn=_stack_with_errors, worker_init_fn=ignore_interrupts)
+    errors, start = {}, 0
+    with tqdm(total=len(dataset), desc="Caching tiles", unit="tile", dynamic_ncols=True,
+              disable=not progress) as bar:
+        for stacked, batch_errors in start_batches(loader):
+            readable = [start + offset for offset, error in enumerate(batch_errors) if error is None]
+            errors.update((start + offset, error) for offset, error in enumerate(batch_errors) if error is not None)
+            if readable:
+                images[readable] = stacked
+            start += len(batch_errors)
+            bar.update(len(batch_errors))
+    return errors
+
+
+def _size(nbytes):
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _decision(setting, need, available, processes):
+    """(cache or not, the one line that says why) for Config.cache_tiles."""
+    share = f"{_size(need // processes)} x {processes} processes" if processes > 1 else _size(need)
+    if setting is False:
+        return False, "Reading tiles from disk every epoch (cache_tiles=False)."
+    if available is None:
+        if setting is True:
+            return True, f"Caching the decoded tiles in memory ({share}; cache_tiles=True, available memory unknown)."
+        return False, ("Reading tiles from disk every epoch: the available memory cannot be read "
+                       "(cache_tiles=auto; pass --cache_tiles=true to cache anyway).")
+    bound = available if setting is True else available // 2
+    if need <= bound:
+        return True, (f"Caching the decoded tiles in memory ({share} of {_size(available)} available, "
+                      f"cache_tiles={setting}); epochs after the first read no file.")
+    if setting is True:
+        return False, (f"cache_tiles=True, but the decoded tiles ({share}) exceed the {_size(available)} of memory "
+                       "available: reading tiles from disk every epoch instead.")
+    return False, (f"Reading tiles from disk every epoch: the decoded tiles ({share}) exceed half of the "
+                   f"{_size(available)} of memory available (cache_tiles=auto).")
+
+
+def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=True):
+    """dataset (a Dataset.ImageFolder) with every tile decoded into memory when Config.cache_tiles
+    (setting: "auto", True or False) says so and it fits, else dataset itself. world: processes on this
+    node that each hold their own copy. workers: decoding processes (default: this process's share of
+    the CPUs). Says one line (through say) of what it chose."""
+    need = tile_bytes(len(dataset), dataset.tile_size) * world
+    cache, line = _decision(setting, need, None if setting is False else available_memory(), world)
+    if not cache:
+        say(line)
+        return dataset
+    shape = (len(dataset), 3, dataset.tile_size, dataset.tile_size)
+    try:
+        images = torch.empty(shape, dtype=torch.uint8)
+    except (RuntimeError, MemoryError) as err:
+        say(f"cache_tiles={setting}, but {_size(need // world)} for the decoded tiles could not be allocated "
+            f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
+            "reading tiles from disk every epoch instead.")
+        return dataset
+    say(line)
+    if workers is None:
+        workers = cpu_count() // world
+    errors = fill(dataset, images, workers if workers > 1 else 0, progress)
+    return CachedTiles(dataset, images, errors)
+
+
+def loader_workers(dataset, requested):
+    """Loader processes for dataset: none for a cached one (indexing memory is cheaper than starting
+    processes, which would each get the whole cache), requested otherwise."""
+    return 0 if isinstance(dataset, CachedTiles) else requested
