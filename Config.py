@@ -28,10 +28,12 @@ augment = True                # random rotation, flips, affine, colour jitter an
 val_fraction = 0.05           # share of training tiles held out for per-epoch validation (0 = none)
 sync_batchnorm = False        # multi-GPU: synchronise BatchNorm statistics across GPUs
 compile_model = False         # torch.compile the model (faster on recent GPUs after a slow first epoch)
+finite_check_interval = 50    # steps between checks that the loss is finite (each waits for the GPU once; also at epoch end)
 
 model_saved_location_mse = "checkpoints/MSE"    # folder for MSE-loss checkpoints
 model_saved_location_ssim = "checkpoints/SSIM"  # folder for SSIM-loss checkpoints
 save_interval = 5             # write Model_AE_epoch_NNN.pth every N epochs
+keep_checkpoints = 3          # keep the newest N Model_AE_epoch_NNN.pth, delete older ones once a newer one is saved (0 = keep all)
 resume = True                 # continue from the newest checkpoint in the checkpoint folder
 
 training_loss_file_mse = "training_loss_mse.csv"    # per-epoch loss log of MSE training

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import checkpoint_io
 from Dataset import ImageFolder, SkipLog, collate
-from cli import (UserError, autocast_dtype, check_writable, load_config, precision_name, run_main, select_device,
-                 worker_count)
+from cli import UserError, check_writable, load_config, run_main
+from runtime import autocast_dtype, precision_name, select_device, worker_count
 from evaluation_engine import check_settings, load_model, run_model
 
 FEATURE_DIM = 512

@@ -21,8 +21,8 @@ from tqdm import tqdm
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
 from Dataset import ImageFolder, SkipLog, collate, write_png
-from cli import (UserError, autocast, autocast_dtype, check_writable, cpu_count, load_config, precision_mode,
-                 precision_name, run_main, select_device, worker_count)
+from cli import UserError, check_writable, load_config, run_main
+from runtime import autocast, autocast_dtype, cpu_count, precision_mode, precision_name, select_device, worker_count
 from metrics import per_image
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")

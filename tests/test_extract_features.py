@@ -13,7 +13,8 @@ from PIL import Image
 import Extract_Features
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
-from cli import autocast_dtype, load_config
+from cli import load_config
+from runtime import autocast_dtype
 from conftest import REPO, script_env, tile_array
 from evaluation_engine import load_model
 

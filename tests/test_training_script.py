@@ -10,6 +10,7 @@ from PIL import Image
 
 import metrics
 import training_engine
+import training_state
 from Auto_encoder import AutoEncoder
 from cli import load_config
 from conftest import run_repo_script, tile_array
@@ -204,5 +205,5 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
     for name in ("Model_AE_epoch_002.pth", "Model_AE_epoch_010.pth", "Model_AE_epoch_009.pth", "Final_Model_AE_MSE.pth",
                  "Model_AE_epoch_011.pth.tmp"):
         (tmp_path / name).write_bytes(b"")
-    assert training_engine.latest_checkpoint(str(tmp_path)) == (10, str(tmp_path / "Model_AE_epoch_010.pth"))
-    assert training_engine.latest_checkpoint(str(tmp_path / "none")) is None
+    assert training_state.latest_checkpoint(str(tmp_path)) == (10, str(tmp_path / "Model_AE_epoch_010.pth"))
+    assert training_state.latest_checkpoint(str(tmp_path / "none")) is None

@@ -63,7 +63,7 @@ import torch
 
 import Config
 from Dataset import ImageFolder, SkipLog, collate
-from cli import autocast_dtype, precision_name, select_device
+from runtime import autocast_dtype, precision_name, select_device
 from evaluation_engine import load_model, reconstruct
 
 # Reconstructing a whole folder is a job for Evaluation_*.py; beyond this many tiles the notebook only
