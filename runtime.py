@@ -136,11 +136,26 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
+_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def interrupts_blocked():
+    """SIGINT and SIGTERM wait while loader workers start (iter(loader)): the workers start with them
+    blocked, and ignore them from worker_init_fn on (ignore_interrupts)."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def ignore_interrupts(worker_id=None):
     """DataLoader worker_init_fn: Ctrl-C and a scheduler's SIGTERM reach the whole process group; the loader
     workers leave them to the main process, which stops cleanly and then shuts them down."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _INTERRUPTS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
 
 
 def cpu_has_native_bf16():

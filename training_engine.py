@@ -92,7 +92,9 @@ def validation_metrics(model, loader, device, ddp, amp_dtype):
     """Mean MSE, PSNR and SSIM of the validation tiles (whole tiles, no augmentation), over all ranks."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, _, _ in loader:
+    with runtime.interrupts_blocked():
+        batches = iter(loader)
+    for images, _, _ in batches:
         if len(images):
             _, _, metrics = reconstruct(model, images, device, amp_dtype)
             sums += torch.stack([metrics["MSE"].sum(), metrics["PSNR"].sum(), metrics["SSIM"].sum(),
@@ -253,7 +255,9 @@ def train_one_epoch(run, epoch):
         group["lr"] = lr
     run.model.train()
     started = time.time()
-    bar = tqdm(run.loader, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
+    with runtime.interrupts_blocked():
+        batches = iter(run.loader)
+    bar = tqdm(batches, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not ddp.main, initial=step, total=step + len(run.loader))
     try:
         for images, _, skipped in bar:
@@ -370,7 +374,7 @@ def train(cfg, loss_name):
     notice = (f"finishing the current step, then saving {paths.interrupt}; further signals are ignored"
               if int(os.environ.get("RANK", "0")) == 0 else None)
     with training_state.Interrupts(immediate, notice).installed() as interrupts:
-        ddp = Distributed(cfg)
+        ddp, run = Distributed(cfg), None
         try:
             run = set_up(cfg, loss_name, paths, ddp, interrupts)
             if run.start_epoch > cfg.num_epochs:
@@ -385,13 +389,31 @@ def train(cfg, loss_name):
             finish(run)
             return run.history
         finally:
+            if run is not None:
+                close_loaders(run)
             ddp.close()
 
 
+def close_loaders(run):
+    """Stop the loader processes now. Left to the end of the process, they would be sent SIGTERM, which
+    they ignore (runtime.ignore_interrupts), and the process would wait for them forever."""
+    for loader in (run.loader, run.val_loader):
+        iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 def _worker(loss_name, argv):
-    """Entry point of one process started by runtime.spawn."""
+    """Entry point of one process started by runtime.spawn: as main(), but an interrupt only sets the exit
+    code (the launching process reports it)."""
     runtime.keep_going_without_stdout()
-    run_main(lambda: train(load_config(argv), loss_name))
+
+    def quietly_interrupted():
+        try:
+            train(load_config(argv), loss_name)
+        except KeyboardInterrupt as interrupt:
+            sys.exit(128 + getattr(interrupt, "signum", 2))
+    run_main(quietly_interrupted)
 
 
 def launch(loss_name, argv, processes=None):
