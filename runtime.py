@@ -298,6 +298,8 @@ def spawn(processes, target, args):
                 children.append(context.Process(target=target, args=args))
                 children[-1].start()
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if received:  # came while they started (through another thread of this process): tell them all
+            forward(received[0], None)
         codes = _wait_for(children, received)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
