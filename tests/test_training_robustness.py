@@ -1,5 +1,6 @@
 """Training never loses work: exact resume, kill -9, Ctrl-C / SIGTERM, a non-finite loss, the validation split."""
 import csv
+import errno
 import math
 import os
 import re
@@ -182,9 +183,8 @@ def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path, capsys, start_
     latest_epoch, latest_path = training_state.latest_checkpoint(str(checkpoints))
     assert 2 <= latest_epoch < 4
     assert torch.load(latest_path, weights_only=True)["epoch"] == latest_epoch
-    # The loss log is written just before each checkpoint, so it may be one epoch ahead of it.
-    assert epochs_of(read_rows(tmp_path / "loss.csv")) in ([*range(1, latest_epoch + 1)],
-                                                            [*range(1, latest_epoch + 2)])
+    # The loss log is written just after each checkpoint, so it may be one epoch behind it.
+    assert epochs_of(read_rows(tmp_path / "loss.csv")) in ([*range(1, latest_epoch + 1)], [*range(1, latest_epoch)])
     assert not (checkpoints / "Final_Model_AE_MSE.pth").exists()
 
     out, rows = resume_in_process(args, capsys)
@@ -412,3 +412,59 @@ def test_split_indices_deterministic_and_disjoint():
     assert training_engine.split_indices(100, 0.2, seed=4)[1] != val_idx
     assert training_engine.split_indices(100, 0, seed=3) == (list(range(100)), [])
     assert len(training_engine.split_indices(10, 0.01, seed=0)[1]) == 1, "any positive fraction holds out a tile"
+
+
+def test_periodic_finiteness_check_stops_within_its_interval(long_tiles, tmp_path, monkeypatch):
+    """The loss is read back from the device only every finite_check_interval steps: a NaN at step 4 stops
+    training at the check after step 6, with the step it happened at, and nothing is saved."""
+    real, calls = metrics.LOSSES["mse"], []
+
+    def nan_at_fourth_step(output, target):
+        calls.append(1)
+        loss = real(output, target)
+        return loss * math.nan if len(calls) == 4 else loss
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_fourth_step)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 1, step 4\b.*lower learning_rate"):
+        training_engine.train(load_config(long_settings(long_tiles, tmp_path, 2, "--finite_check_interval=3")), "mse")
+    assert len(calls) == 6
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("batch", [8, 2], ids=["one-step", "several-steps"])
+def test_diverged_run_saves_no_model(small_tiles, tmp_path, capsys, batch):
+    """learning_rate=inf: the weights are not finite after the first step. Training stops with one line,
+    writes no Final model and names no Best model."""
+    cfg = load_config(settings(small_tiles, tmp_path, 1, f"--batch_size_train={batch}", "--val_fraction=0.2"))
+    cfg.learning_rate = math.inf  # Config validation refuses it; a learning rate far too high ends the same way
+    with pytest.raises(UserError, match=r"(weights became non-finite|loss became nan) at epoch 1\b") as error:
+        training_engine.train(cfg, "mse")
+    assert "\n" not in str(error.value)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert "Best_Model" not in capsys.readouterr().out
+
+
+def test_failed_loss_log_write_keeps_the_finished_epoch(small_tiles, wrapped_up, tmp_path, monkeypatch, capsys):
+    """Disk full while the loss log is written after epoch 2 (no periodic checkpoint due): one line, and the
+    interrupt checkpoint keeps epochs 1 and 2 for the next run."""
+    real, calls = training_state.write_history, []
+
+    def full_disk_at_epoch_2(path, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, rows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training_state, "write_history", full_disk_at_epoch_2)
+        with pytest.raises(UserError, match=r"cannot write .*loss\.csv.* \(No space left on device\)"):
+            train(small_tiles, tmp_path, 3, *WRAP_UP)
+    state = torch.load(tmp_path / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2
+    capsys.readouterr()
+
+    train(small_tiles, tmp_path, 3, *WRAP_UP)
+    out = capsys.readouterr().out
+    assert "(epoch 2, after step 2)" in out and "Epoch 1/3" not in out
+    assert without_seconds(read_rows(tmp_path / "loss.csv")) == without_seconds(read_rows(wrapped_up / "loss.csv"))
+    assert_same_weights(final(tmp_path), final(wrapped_up))
