@@ -158,6 +158,15 @@ def ignore_interrupts(worker_id=None):
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
 
 
+def stop_loader_workers(*loaders):
+    """End the persistent loader processes now. Left to the end of the process, they would be sent SIGTERM,
+    which they ignore (ignore_interrupts), and the process would wait for them forever."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # where DataLoader keeps its persistent workers' iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
 def cpu_has_native_bf16():
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): only then is bf16 faster than fp32."""
     try:
@@ -228,6 +237,13 @@ class Distributed:
     @property
     def main(self):
         return self.rank == 0
+
+    def wrap(self, model, compile_model=False):
+        """The model as training calls it: under DistributedDataParallel with several processes, compiled if asked."""
+        if self.world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(model) if compile_model else model
 
     def sum(self, tensor):
         """Sum of a tensor over all processes (the tensor itself in one process)."""

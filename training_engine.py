@@ -1,10 +1,8 @@
-"""The training loop shared by Training_MSE.py and Training_SSIM.py.
+"""The training loop shared by Training_MSE.py and Training_SSIM.py: train() sets up (device, data, model,
+the checkpoint it continues from), runs train_one_epoch() per epoch and saves the Final model.
 
-train() sets up (device, data, model, the checkpoint it continues from), then runs train_one_epoch()
-per epoch and saves the Final model. One process per GPU under DistributedDataParallel when several
-GPUs are listed (started here by runtime.spawn, or by torchrun), one process otherwise; only rank 0
-prints, logs and saves. Every epoch's order and augmentations are seeded by (seed, epoch, rank), so a
-resumed run continues exactly where an uninterrupted one would be.
+One process per GPU (started by runtime.spawn or torchrun); only rank 0 prints, logs and saves. Each
+epoch's order and augmentations are seeded by (seed, epoch, rank): a resumed run continues exactly.
 """
 import math
 import os
@@ -30,11 +28,10 @@ PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and aft
 
 
 def validate(cfg):
-    for key in ("tile_size", "num_epochs", "batch_size_train", "save_interval", "finite_check_interval"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.keep_checkpoints < 0:
-        raise UserError(f"keep_checkpoints={cfg.keep_checkpoints} must be 0 (keep all) or more")
+    for key, low in (("tile_size", 1), ("num_epochs", 1), ("batch_size_train", 1), ("save_interval", 1),
+                     ("finite_check_interval", 1), ("keep_checkpoints", 0)):
+        if getattr(cfg, key) < low:
+            raise UserError(f"{key}={getattr(cfg, key)} must be at least {low}")
     if cfg.tile_size % DOWNSAMPLING:
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
     if cfg.train_crop_size and (cfg.train_crop_size % DOWNSAMPLING or cfg.train_crop_size > cfg.tile_size):
@@ -81,10 +78,6 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return max(0, self.num_samples - self.skip)
-
-
-def augmentation_seed(seed, epoch, rank):
-    return ((seed * 100003 + epoch) * 64 + rank + 1) % 2**64
 
 
 @torch.no_grad()
@@ -193,39 +186,18 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)
-    resume(run)
+    training_state.start_or_resume(run)
     build_loaders(run, dataset, train_idx, val_idx)
-    say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
-        f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
-        f"{loss_name.upper()} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
+    if run.start_epoch <= cfg.num_epochs:
+        say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
+            f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
+            f"{loss_name.upper()} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
     return run
-
-
-def resume(run):
-    """Continue from the newest checkpoint (resume=True), or move the previous run aside (resume=False)."""
-    cfg, ddp = run.cfg, run.ddp
-    if not cfg.resume:
-        if ddp.main:
-            training_state.move_aside(run.paths, run.say)
-        ddp.barrier()
-        run.start_epoch, run.partial, run.history, run.best_val = 1, None, [], math.inf
-    else:
-        target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
-                                       rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
-        run.start_epoch, run.partial, run.history, run.best_val = training_state.restore(
-            run.paths, target, run.settings, f"model_saved_location_{run.loss_name}", run.say)
-    seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
-    run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
 
 
 def build_loaders(run, dataset, train_idx, val_idx):
     cfg, ddp = run.cfg, run.ddp
-    run.model = run.raw_model
-    if ddp.world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(
-            run.raw_model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    if cfg.compile_model:
-        run.model = torch.compile(run.model)
+    run.model = ddp.wrap(run.raw_model, cfg.compile_model)
     workers = worker_count(cfg.num_workers)
     loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
                        persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None)
@@ -243,12 +215,12 @@ def train_one_epoch(run, epoch):
     """One pass over this process's share of the training tiles (the rest of it, when an interrupted epoch
     is resumed), then the epoch's validation, log row and checkpoints (wrap_up)."""
     cfg, ddp, device, part = run.cfg, run.ddp, run.device, run.partial
-    aug_gen = torch.Generator().manual_seed(augmentation_seed(cfg.seed, epoch, ddp.rank))
+    aug_gen = torch.Generator().manual_seed(((cfg.seed * 100003 + epoch) * 64 + ddp.rank + 1) % 2**64)
     loss, step, seconds_before = EpochLoss(device), 0, 0.0
-    if part is not None:
+    if part is not None:  # resuming an interrupted epoch: this process's part of it
         aug_gen.set_state(part.aug_state)
-        loss, step, seconds_before = EpochLoss(device, part.loss_sum, part.loss_count), part.step, part.seconds
-        run.partial = None
+        loss, step, seconds_before, run.partial = EpochLoss(device, part.loss_sum, part.loss_count), part.step, \
+            part.seconds, None
     run.sampler.set_epoch(epoch, step)
     lr = learning_rate(cfg, epoch)
     for group in run.optimizer.param_groups:
@@ -357,9 +329,14 @@ def save_interrupt(run, epoch, step, loss, aug_gen, seconds):
 
 
 def finish(run):
-    """The Final model, once every epoch is done."""
-    paths = run.paths
-    if run.ddp.main:
+    """The Final model, once every epoch is done (also when a run killed just before saving it is rerun)."""
+    paths, epochs = run.paths, run.cfg.num_epochs
+    if run.start_epoch > epochs:
+        run.say(f"Nothing to do: already trained for {run.start_epoch - 1} of num_epochs={epochs} epochs.")
+        if run.ddp.main and not os.path.isfile(paths.final):
+            checkpoint_io.save(run.raw_model.state_dict(), paths.final)
+            run.say(f"Saved {paths.final}.")
+    elif run.ddp.main:
         checkpoint_io.save(run.raw_model.state_dict(), paths.final)
         best = f" and {paths.best}" if os.path.isfile(paths.best) else ""
         run.say(f"Saved {paths.final}{best}; loss log {paths.log}, curve {paths.plot}; {run.skips.summary()}.")
@@ -377,30 +354,14 @@ def train(cfg, loss_name):
         ddp, run = Distributed(cfg), None
         try:
             run = set_up(cfg, loss_name, paths, ddp, interrupts)
-            if run.start_epoch > cfg.num_epochs:
-                run.say(f"Nothing to do: already trained for {run.start_epoch - 1} of num_epochs={cfg.num_epochs} "
-                        "epochs.")
-                if ddp.main and not os.path.isfile(paths.final):  # killed between the last checkpoint and the final save
-                    checkpoint_io.save(run.raw_model.state_dict(), paths.final)
-                    run.say(f"Saved {paths.final}.")
-                return run.history
             for epoch in range(run.start_epoch, cfg.num_epochs + 1):
                 train_one_epoch(run, epoch)
             finish(run)
             return run.history
         finally:
             if run is not None:
-                close_loaders(run)
+                runtime.stop_loader_workers(run.loader, run.val_loader)
             ddp.close()
-
-
-def close_loaders(run):
-    """Stop the loader processes now. Left to the end of the process, they would be sent SIGTERM, which
-    they ignore (runtime.ignore_interrupts), and the process would wait for them forever."""
-    for loader in (run.loader, run.val_loader):
-        iterator = getattr(loader, "_iterator", None)  # DataLoader keeps its persistent workers' iterator here
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
 
 
 def _worker(loss_name, argv):

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import tempfile
 import time
 import types
 
@@ -73,12 +74,8 @@ def move_aside(paths, say):
     found += [p for p in (paths.log, paths.plot) if os.path.isfile(p)]
     if not found:
         return
-    target = os.path.join(paths.folder, time.strftime("previous_run_%Y%m%d-%H%M%S"))
-    suffix = 1
-    while os.path.exists(target + (f"_{suffix}" if suffix > 1 else "")):
-        suffix += 1
-    target += f"_{suffix}" if suffix > 1 else ""
-    os.makedirs(target)
+    target = tempfile.mkdtemp(prefix=time.strftime("previous_run_%Y%m%d-%H%M%S_"), dir=paths.folder)
+    os.chmod(target, os.stat(paths.folder).st_mode & 0o777)  # as shared as the checkpoint folder, not private
     for path in found:
         shutil.move(path, os.path.join(target, os.path.basename(path)))
     say(f"Starting over (resume=False): moved the previous run's {len(found)} file(s) to {target}; "
@@ -246,8 +243,8 @@ def check_experiment(state, source, settings, folder_key):
               if saved.get(key) != value]
     if differ:
         raise Refused(f"cannot resume from {source!r}: it belongs to another experiment ({'; '.join(differ)}); "
-                        f"set {folder_key} to another folder, or pass --resume=false to start over (the old run is "
-                        "moved aside)")
+                      f"set {folder_key} to another folder, or pass --resume=false to start over (the old run is "
+                      "moved aside)")
 
 
 def check_optimizer(optimizer_state, model, source):
@@ -268,7 +265,7 @@ def check_optimizer(optimizer_state, model, source):
             moments = [entry.get(key) for key in ("exp_avg", "exp_avg_sq")]
             if not all(isinstance(m, torch.Tensor) and m.shape == params[index].shape and m.is_floating_point()
                        and bool(torch.isfinite(m).all()) for m in moments):
-                problem = f"the moments of parameter {index} are not finite tensors of shape {tuple(params[index].shape)}"
+                problem = f"the moments of parameter {index} are not finite tensors of its shape"
                 break
     if problem:
         raise UserError(f"cannot resume from {source!r}: its optimizer state does not fit the model ({problem}); "
@@ -359,6 +356,24 @@ def restore(paths, target, settings, folder_key, say):
         return 1, None, [], math.inf
     best = state.get("best_val_loss", math.inf)
     return start, part, history, float(best) if isinstance(best, (int, float)) and not math.isnan(best) else math.inf
+
+
+def start_or_resume(run):
+    """Set run up to continue from the newest checkpoint (resume=True), or to start over with the previous
+    run moved aside (resume=False): start_epoch, partial (an interrupted epoch's part), history, best_val."""
+    cfg, ddp = run.cfg, run.ddp
+    if not cfg.resume:
+        if ddp.main:
+            move_aside(run.paths, run.say)
+        ddp.barrier()
+        run.start_epoch, run.partial, run.history, run.best_val = 1, None, [], math.inf
+    else:
+        target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
+                                       rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
+        run.start_epoch, run.partial, run.history, run.best_val = restore(
+            run.paths, target, run.settings, f"model_saved_location_{run.loss_name}", run.say)
+    seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
+    run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
 
 
 def _common(run, epoch):

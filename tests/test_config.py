@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import Config
-import cli
 import runtime
 from cli import UserError, _config_values, load_config
 from conftest import REPO, script_env

@@ -148,7 +148,8 @@ def test_sigterm_to_the_process_group_stops_both_processes_and_resumes_exactly(t
     log = tmp_path / "interrupted.log"
     env = dict(script_env(), PYTHONPATH=str(REPO))
     with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, str(launcher), *settings(tiles, tmp_path, 2, "--augment=true", "--num_workers=1")],
+        process = subprocess.Popen([sys.executable, str(launcher),
+                                    *settings(tiles, tmp_path, 2, "--augment=true", "--num_workers=1")],
                                    cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=handle,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:

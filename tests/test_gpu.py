@@ -35,8 +35,9 @@ def step_parts(amp_dtype):
     return model, optimizer, scaler
 
 
-@pytest.mark.parametrize("amp_dtype", [pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_BF16, reason="no bf16")),
-                                       torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("amp_dtype", [
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not HAS_BF16, reason="no bf16")), torch.float16],
+    ids=["bf16", "fp16"])
 def test_two_training_steps(amp_dtype):
     model, optimizer, scaler = step_parts(amp_dtype)
     before = model.encoder[0].weight.detach().clone()
@@ -126,8 +127,8 @@ def inference_settings(folder, out, device):
 
 
 def test_evaluation_on_the_gpu_matches_the_cpu(sample_folder, tmp_path):
-    rows = {device: evaluation_engine.evaluate(load_config(inference_settings(sample_folder, tmp_path / device, device)),
-                                               "mse") for device in ("0", "cpu")}
+    rows = {device: evaluation_engine.evaluate(
+        load_config(inference_settings(sample_folder, tmp_path / device, device)), "mse") for device in ("0", "cpu")}
     assert [row["Image Path"] for row in rows["0"]] == [row["Image Path"] for row in rows["cpu"]]
     for gpu, cpu in zip(rows["0"], rows["cpu"]):
         assert gpu["PSNR"] == pytest.approx(cpu["PSNR"], abs=0.01)

@@ -74,7 +74,8 @@ def test_gpus_contradicting_the_launch_is_one_line_naming_both(four_gpus, monkey
 def test_local_rank_beyond_the_visible_gpus(four_gpus, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     started_as(monkeypatch, 5, 8)
-    with pytest.raises(UserError, match=r"LOCAL_RANK=5: GPU 5 does not exist.*4 GPU\(s\) \(CUDA_VISIBLE_DEVICES='4,5,6,7'\)"):
+    with pytest.raises(UserError, match=r"LOCAL_RANK=5: GPU 5 does not exist.*4 GPU\(s\) "
+                                        r"\(CUDA_VISIBLE_DEVICES='4,5,6,7'\)"):
         runtime.select_device("0")
 
 
@@ -118,8 +119,9 @@ def test_spawn_sets_each_process_up_and_passes_a_signal_on(tmp_path):
     """A SIGTERM to the launching process alone (kill PID) reaches both processes; it then exits 143."""
     script = tmp_path / "spawning.py"
     script.write_text(SPAWNING)
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=dict(script_env(), PYTHONPATH=str(REPO)),
-                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdin=subprocess.DEVNULL, text=True,
+                               env=dict(script_env(), PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not all((tmp_path / f"{rank}.json").exists() for rank in (0, 1)):

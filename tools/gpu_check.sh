@@ -29,7 +29,8 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND with a time limit, note it
 
 echo "gpu_check on $(hostname) at $(date -Is), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [ -n "${WHEELS:-}" ]; then
-    step "install wheels from $WHEELS" 300 sh -c 'python -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl'
+    step "install wheels from $WHEELS" 300 \
+        sh -c 'python -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl'
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python - <<'PY'
@@ -52,7 +53,8 @@ for loss in mse ssim; do
     upper=${loss^^}
     paths=(--model_saved_location_$loss="$work/checkpoints/$upper" --training_loss_file_$loss="$work/loss_$loss.csv")
     step "Training_$upper.py, 2 epochs" 120 python "Training_$upper.py" "${common[@]}" "${paths[@]}" --num_epochs=2
-    step "Training_$upper.py, resumed to 3 epochs" 120 python "Training_$upper.py" "${common[@]}" "${paths[@]}" --num_epochs=3
+    step "Training_$upper.py, resumed to 3 epochs" 120 \
+        python "Training_$upper.py" "${common[@]}" "${paths[@]}" --num_epochs=3
     cat "$work/loss_$loss.csv"
 done
 
