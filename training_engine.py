@@ -151,6 +151,16 @@ def check_weights(run, epoch):
                         f"good checkpoint in {run.paths.folder} is intact: lower learning_rate and rerun")
 
 
+def run_paths(cfg, loss_name):
+    """The files of a run of loss_name ('mse' or 'ssim')."""
+    folder, log = getattr(cfg, f"model_saved_location_{loss_name}"), getattr(cfg, f"training_loss_file_{loss_name}")
+    return types.SimpleNamespace(
+        folder=folder, log=log, plot=os.path.splitext(log)[0] + ".png",
+        interrupt=os.path.join(folder, training_state.INTERRUPT_NAME),
+        final=os.path.join(folder, f"Final_Model_AE_{loss_name.upper()}.pth"),
+        best=os.path.join(folder, f"Best_Model_AE_{loss_name.upper()}.pth"))
+
+
 def set_up(cfg, loss_name, paths, ddp, interrupts):
     """Everything an epoch needs, as one namespace: device, data, model, optimizer, and where it resumes."""
     say = runtime.say if ddp.main else (lambda *parts: None)
@@ -290,29 +300,15 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
             training_state.prune_checkpoints(paths.folder, cfg.keep_checkpoints, epoch)
             if os.path.exists(paths.interrupt):
                 os.remove(paths.interrupt)
-        failure = write_log(run, epoch == cfg.num_epochs)
+        plot = epoch == cfg.num_epochs or time.monotonic() - run.plotted >= PLOT_EVERY_SECONDS
+        failure = training_state.write_log(run, plot)
+        run.plotted = time.monotonic() if plot and failure is None else run.plotted
     if ddp.any(failure is not None)[0]:
         if not due:  # keep the finished epoch: the next run resumes after it
             save_interrupt(run, epoch, step, loss, aug_gen, seconds())
         if failure is None:
             sys.exit(2)  # rank 0 reports the error
         raise failure
-
-
-def write_log(run, last):
-    """Write the loss log (and the curve, at most every PLOT_EVERY_SECONDS and after the last epoch);
-    returns the UserError of a failed write instead of raising it."""
-    try:
-        training_state.write_history(run.paths.log, run.history)
-        if last or time.monotonic() - run.plotted >= PLOT_EVERY_SECONDS:
-            training_state.plot_history(run.paths.plot, run.history, run.loss_name)
-            run.plotted = time.monotonic()
-    except UserError as err:
-        return err
-    except OSError as err:
-        return UserError(f"cannot write {err.filename or run.paths.log!r} ({err.strerror}): free some space or fix "
-                         "the folder, then run the same command again to resume")
-    return None
 
 
 def save_interrupt(run, epoch, step, loss, aug_gen, seconds):
@@ -333,7 +329,10 @@ def finish(run):
     paths, epochs = run.paths, run.cfg.num_epochs
     if run.start_epoch > epochs:
         run.say(f"Nothing to do: already trained for {run.start_epoch - 1} of num_epochs={epochs} epochs.")
-        if run.ddp.main and not os.path.isfile(paths.final):
+        if run.ddp.main and not os.path.isfile(paths.final):  # stopped before its end: finish the log and save
+            failure = training_state.write_log(run, plot=True)
+            if failure:
+                raise failure
             checkpoint_io.save(run.raw_model.state_dict(), paths.final)
             run.say(f"Saved {paths.final}.")
     elif run.ddp.main:
@@ -346,7 +345,7 @@ def finish(run):
 def train(cfg, loss_name):
     """Train an AutoEncoder with loss_name ('mse' or 'ssim') as Config says; returns the loss log rows."""
     validate(cfg)
-    paths = training_state.run_paths(cfg, loss_name)
+    paths = run_paths(cfg, loss_name)
     immediate = int(os.environ.get("WORLD_SIZE", "1")) == 1
     notice = (f"finishing the current step, then saving {paths.interrupt}; further signals are ignored"
               if int(os.environ.get("RANK", "0")) == 0 else None)

@@ -1,9 +1,8 @@
 """What lets a training run stop and carry on: checkpoints, the interrupt handler and the loss log.
 
-A run's folder holds periodic checkpoints Model_AE_epoch_NNN.pth (the newest keep_checkpoints of them),
-Model_AE_interrupt.pth when it was stopped part-way through an epoch, Best_ and Final_ models. Every
-training checkpoint carries the experiment's settings (loss, tile and crop size, architecture), so a
-resume never continues another experiment, and the loss log's rows, so the log can be rebuilt.
+Periodic checkpoints Model_AE_epoch_NNN.pth (the newest keep_checkpoints), Model_AE_interrupt.pth (an epoch
+stopped part-way), Best_ and Final_ models. Training checkpoints carry the experiment's settings (a resume
+never continues another experiment) and the loss log's rows (the log can always be rebuilt).
 """
 import contextlib
 import csv
@@ -29,16 +28,6 @@ _FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SS
             "Learning_Rate": "{:.4g}", "Images_Seen": "{:.0f}", "Seconds": "{:.1f}"}
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
 _EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")
-
-
-def run_paths(cfg, loss_name):
-    """The files of a run of loss_name ('mse' or 'ssim')."""
-    folder = getattr(cfg, f"model_saved_location_{loss_name}")
-    log = getattr(cfg, f"training_loss_file_{loss_name}")
-    return types.SimpleNamespace(
-        folder=folder, log=log, plot=os.path.splitext(log)[0] + ".png", interrupt=os.path.join(folder, INTERRUPT_NAME),
-        final=os.path.join(folder, f"Final_Model_AE_{loss_name.upper()}.pth"),
-        best=os.path.join(folder, f"Best_Model_AE_{loss_name.upper()}.pth"))
 
 
 def periodic_checkpoints(folder):
@@ -106,15 +95,18 @@ def read_history(csv_path, up_to_epoch):
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read the loss log {csv_path!r} ({getattr(err, 'strerror', None) or err}): "
                         "fix it, or move it away to start its history anew; nothing was changed")
-    header = text.split("\n", 1)[0]
-    delimiter = max((",", ";", "\t"), key=header.count)
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    columns = [name.strip() for name in reader.fieldnames or []]
+    delimiter = max((",", ";", "\t"), key=text.split("\n", 1)[0].count)
+    try:
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        columns, raws = [name.strip() for name in reader.fieldnames or []], list(reader)
+    except csv.Error as err:
+        raise UserError(f"cannot read the loss log {csv_path!r} ({err}): fix it, or move it away to start its "
+                        "history anew; nothing was changed")
     if text.strip() and not {"Epoch", "Loss"} <= set(columns):
         raise UserError(f"the loss log {csv_path!r} has no Epoch and Loss columns: fix its first line, or move it "
                         "away to start its history anew; nothing was changed")
     rows = {}
-    for raw in reader:
+    for raw in raws:
         cells = {(key or "").strip(): value if isinstance(value, str) else "" for key, value in raw.items()}
         epoch = _number(cells.get("Epoch"), False)
         if epoch is None or epoch != int(epoch) or not 1 <= epoch <= up_to_epoch:
@@ -134,6 +126,21 @@ def write_history(csv_path, rows):
             writer.writeheader()
             writer.writerows(rows)
     checkpoint_io.atomic_write(csv_path, write)
+
+
+def write_log(run, plot):
+    """Write run's loss log, and its curve if plot; returns the UserError of a failed write (a full disk)
+    instead of raising it."""
+    try:
+        write_history(run.paths.log, run.history)
+        if plot:
+            plot_history(run.paths.plot, run.history, run.loss_name)
+    except UserError as err:
+        return err
+    except OSError as err:
+        return UserError(f"cannot write {err.filename or run.paths.log!r} ({err.strerror}): free some space or fix "
+                         "the folder, then run the same command again to resume")
+    return None
 
 
 def plot_history(png_path, rows, loss_name):
@@ -165,13 +172,11 @@ def plot_history(png_path, rows, loss_name):
 
 
 class Interrupts:
-    """Ctrl-C (SIGINT) and a job scheduler's SIGTERM stop training with an interrupt checkpoint.
-
-    The first signal counts; later ones are ignored, so nothing cuts the save short (kill -9 stops at
-    once). Inside deferred() (one optimisation step) the signal waits for the step to finish, so the
-    checkpoint never holds a half-applied step and the resumed run matches an uninterrupted one. In one
-    process (immediate) a signal elsewhere stops at once; with several processes it takes effect where
-    all agree to stop (before each step), so none is left waiting in a collective op the others left."""
+    """Ctrl-C (SIGINT) and a job scheduler's SIGTERM stop training with an interrupt checkpoint. The first
+    signal counts; later ones are ignored, so nothing cuts the save short (kill -9 stops at once). Inside
+    deferred() (one optimisation step) the signal waits for the step to end: the checkpoint never holds half
+    a step. In one process (immediate) a signal elsewhere stops at once; with several, where all agree to
+    stop (before each step), so none is left waiting in a collective op the others have left."""
 
     def __init__(self, immediate, notice=None):
         self.immediate, self.notice = immediate, notice
@@ -250,23 +255,17 @@ def check_experiment(state, source, settings, folder_key):
 def check_optimizer(optimizer_state, model, source):
     """A UserError unless optimizer_state is Adam's state for exactly this model's parameters."""
     params = list(model.parameters())
-    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
-    problem = None
-    if not isinstance(groups, list) or not isinstance(optimizer_state.get("state"), dict) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
-        problem = "it is not an optimizer state"
-    elif sum(len(g["params"]) for g in groups) != len(params):
-        problem = f"{sum(len(g['params']) for g in groups)} parameters, the model has {len(params)}"
-    else:
+    try:
+        count = sum(len(group["params"]) for group in optimizer_state["param_groups"])
+        problem = f"{count} parameters, the model has {len(params)}" if count != len(params) else None
         for index, entry in optimizer_state["state"].items():
-            if not isinstance(index, int) or not 0 <= index < len(params) or not isinstance(entry, dict):
-                problem = f"an entry for parameter {index!r}"
-                break
-            moments = [entry.get(key) for key in ("exp_avg", "exp_avg_sq")]
-            if not all(isinstance(m, torch.Tensor) and m.shape == params[index].shape and m.is_floating_point()
-                       and bool(torch.isfinite(m).all()) for m in moments):
+            moments, param = (entry["exp_avg"], entry["exp_avg_sq"]), params[index] if index >= 0 else None
+            if problem is None and not all(isinstance(m, torch.Tensor) and m.is_floating_point()
+                                           and m.shape == param.shape and bool(torch.isfinite(m).all())
+                                           for m in moments):
                 problem = f"the moments of parameter {index} are not finite tensors of its shape"
-                break
+    except (TypeError, KeyError, IndexError, AttributeError):
+        problem = "it is not Adam's state for this model"
     if problem:
         raise UserError(f"cannot resume from {source!r}: its optimizer state does not fit the model ({problem}); "
                         "pass --resume=false to start over")
