@@ -116,8 +116,9 @@ def test_resume_keeps_the_history_of_a_spreadsheet_saved_log(run_copy, finished,
     assert without_seconds(rows_of(run_copy / "loss.csv")) == without_seconds(reference)
 
 
-@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00garbage\xff\xfe", b"When;What\n1;ok\n"],
-                         ids=["not-text", "no-epoch-column"])
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00garbage\xff\xfe", b"When;What\n1;ok\n",
+                                     b"Epoch,Loss\n1," + b"9" * 200_000 + b"\n"],
+                         ids=["not-text", "no-epoch-column", "field-too-long"])
 def test_unreadable_log_is_one_line_before_anything_is_written(run_copy, tiles, content):
     as_earlier_version(run_copy / "checkpoints" / CHECKPOINT.format(2))
     (run_copy / "loss.csv").unlink()
@@ -127,6 +128,22 @@ def test_unreadable_log_is_one_line_before_anything_is_written(run_copy, tiles, 
         train(tiles, run_copy, 3)
     assert "\n" not in str(error.value)
     assert file_bytes(run_copy) == before
+
+
+def test_run_stopped_before_its_final_model_finishes_log_and_model(finished, tmp_path, tiles, capsys):
+    """The last epoch's checkpoint was written, its loss row and the Final model were not (disk full, kill)."""
+    shutil.copytree(finished, tmp_path / "run")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "Final_Model_AE_MSE.pth").unlink()
+    rows = rows_of(run / "loss.csv")
+    with open(run / "loss.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:1])
+    train(tiles, run, 3)
+    out = capsys.readouterr().out
+    assert "Nothing to do: already trained for 3 of num_epochs=3 epochs." in out
+    assert rows_of(run / "loss.csv") == rows and (run / "checkpoints" / "Final_Model_AE_MSE.pth").is_file()
 
 
 def test_resume_false_moves_the_previous_run_aside(run_copy, tiles, capsys):
