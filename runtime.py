@@ -150,6 +150,12 @@ def interrupts_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
+def loader_start_method():
+    """How loader processes start: forked where possible, also in processes runtime.spawn started (which would
+    otherwise spawn them too, each importing torch anew)."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def ignore_interrupts(worker_id=None):
     """DataLoader worker_init_fn: Ctrl-C and a scheduler's SIGTERM reach the whole process group; the loader
     workers leave them to the main process, which stops cleanly and then shuts them down."""
@@ -321,7 +327,8 @@ def spawn(processes, target, args):
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    signum = received[0] if received else next((abs(c) % 128 for c in codes if abs(c) % 128 in signals and c), None)
+    ended_by = [code - 128 if code > 0 else -code for code in codes if code > 128 or code < 0]  # 128 + n, or -n
+    signum = received[0] if received else next((s for s in ended_by if s in signals), None)
     if signum is not None and any(codes):
         interrupt = KeyboardInterrupt()
         interrupt.signum = signum

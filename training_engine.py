@@ -210,7 +210,8 @@ def build_loaders(run, dataset, train_idx, val_idx):
     run.model = ddp.wrap(run.raw_model, cfg.compile_model)
     workers = worker_count(cfg.num_workers)
     loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
-                       persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None)
+                       persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
+                       multiprocessing_context=runtime.loader_start_method() if workers else None)
     training_tiles = torch.utils.data.Subset(dataset, train_idx)
     run.sampler = EpochSampler(training_tiles, cfg.seed, ddp.rank, ddp.world, run.batch_size)
     run.loader = torch.utils.data.DataLoader(training_tiles, batch_size=run.batch_size, sampler=run.sampler,
