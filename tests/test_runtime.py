@@ -154,3 +154,9 @@ def test_stdout_whose_reader_left_is_not_an_error(tmp_path):
     stderr = reader.stderr.read().decode()
     assert reader.wait(timeout=60) == 0, stderr
     assert stderr == "" and (tmp_path / "done").read_text() == "finished"
+
+
+def test_gpu_check_script_parses():
+    """tools/gpu_check.sh runs where a GPU is; here its syntax is checked."""
+    result = subprocess.run(["bash", "-n", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
