@@ -30,11 +30,12 @@ val_fraction = 0.05           # share of training tiles held out for per-epoch v
 sync_batchnorm = False        # multi-GPU: synchronise BatchNorm statistics across GPUs
 compile_model = False         # torch.compile the model (faster on recent GPUs after a slow first epoch)
 cache_tiles = "auto"          # keep decoded training tiles in memory as uint8: "auto" (when they fit), True, False
+finite_check_interval = 50    # steps between checks that the loss is finite (each waits for the GPU once; also at epoch end)
 
 model_saved_location_mse = "checkpoints/MSE"    # folder for MSE-loss checkpoints
 model_saved_location_ssim = "checkpoints/SSIM"  # folder for SSIM-loss checkpoints
 save_interval = 5             # write Model_AE_epoch_NNN.pth every N epochs
-keep_checkpoints = 3          # periodic checkpoints kept (older ones deleted once a newer one is written; Final, Best and interrupt files are always kept)
+keep_checkpoints = 3          # keep the newest N Model_AE_epoch_NNN.pth, delete older ones once a newer one is saved (0 = keep all)
 resume = True                 # continue from the newest checkpoint in the checkpoint folder
 
 training_loss_file_mse = "training_loss_mse.csv"    # per-epoch loss log of MSE training

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 import inference
 from Dataset import SkipLog, start_batches
-from cli import UserError, load_config, precision_name, run_main
+from cli import UserError, run_main
 from inference import run_model
 from outputs import check_target, check_writable, printable, replace_together
+from runtime import precision_name
 
 FEATURE_DIM = 512
 FEATURE_COLUMNS = [f"Feature_{i}" for i in range(1, FEATURE_DIM + 1)]

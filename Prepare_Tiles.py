@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from Dataset import PILLOW_FORMATS, upright_rgb
-from cli import UserError, load_config, run_main
+from cli import UserError, run_main
 from outputs import check_writable, printable, write_png
 
 _POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)

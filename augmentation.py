@@ -18,6 +18,14 @@ _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
 _GRAY = torch.tensor([0.299, 0.587, 0.114])
 
 
+def _on(values, x):
+    """Parameters drawn on the CPU (by the seeded generator), moved to x's device and dtype. On CUDA through
+    pinned memory and without waiting: a plain copy would make every training step wait for the GPU."""
+    if x.device.type == "cuda":
+        return values.pin_memory().to(x.device, x.dtype, non_blocking=True)
+    return values.to(x.device, x.dtype)
+
+
 def _uniform(n, low, high, generator):
     return torch.rand(n, generator=generator) * (high - low) + low
 
@@ -48,19 +56,18 @@ def _geometry(x, crop, augment, generator):
     linear = rotation @ shear_m @ flips * (scale_crop / zoom).view(n, 1, 1)
     room = 1.0 - scale_crop  # where the crop centre may lie, in [-1, 1] coordinates
     centre = (torch.rand(n, 2, generator=generator) * 2 - 1) * room + shift
-    theta = torch.cat([linear, centre.unsqueeze(2)], dim=2).to(x.device, x.dtype)
+    theta = _on(torch.cat([linear, centre.unsqueeze(2)], dim=2), x)
     grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 def _colour(x, generator):
     n = x.shape[0]
-    device = x.device
-    brightness = _uniform(n, 0.8, 1.2, generator).to(device).view(n, 1, 1, 1)
-    contrast = _uniform(n, 0.8, 1.2, generator).to(device).view(n, 1, 1, 1)
-    saturation = _uniform(n, 0.8, 1.2, generator).to(device).view(n, 1, 1, 1)
+    brightness = _on(_uniform(n, 0.8, 1.2, generator), x).view(n, 1, 1, 1)
+    contrast = _on(_uniform(n, 0.8, 1.2, generator), x).view(n, 1, 1, 1)
+    saturation = _on(_uniform(n, 0.8, 1.2, generator), x).view(n, 1, 1, 1)
     hue = _uniform(n, -0.1, 0.1, generator) * 2 * math.pi
-    gray_weights = _GRAY.to(device).view(1, 3, 1, 1)
+    gray_weights = _on(_GRAY, x).view(1, 3, 1, 1)
 
     x = (x * brightness).clamp(0, 1)
     mean_gray = (x * gray_weights).sum(1, keepdim=True).mean(dim=(2, 3), keepdim=True)
@@ -71,7 +78,7 @@ def _colour(x, generator):
     turn = torch.zeros(n, 3, 3)
     turn[:, 0, 0] = 1
     turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = cos, -sin, sin, cos
-    matrix = (_YIQ_TO_RGB @ turn @ _RGB_TO_YIQ).to(device, x.dtype)
+    matrix = _on(_YIQ_TO_RGB @ turn @ _RGB_TO_YIQ, x)
     return torch.einsum("nij,njhw->nihw", matrix, x).clamp(0, 1)
 
 
@@ -80,7 +87,7 @@ def _blur(x, generator, kernel_size=5):
     sigma = _uniform(n, 0.1, 2.0, generator).view(n, 1)
     offsets = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
     kernel = torch.exp(-offsets.view(1, -1) ** 2 / (2 * sigma ** 2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).to(x.device, x.dtype)
+    kernel = _on(kernel / kernel.sum(1, keepdim=True), x)
     kernel = kernel.repeat_interleave(channels, 0)  # one kernel per (image, channel)
     flat = x.reshape(1, n * channels, height, width)
     pad = kernel_size // 2

@@ -39,9 +39,9 @@ import inference
 from Auto_encoder import DOWNSAMPLING, IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
 from Dataset import find_images, load_image
 from augmentation import prepare_batch
-from cli import (PRECISIONS, UserError, autocast, autocast_dtype, cpu_count, cpu_has_native_bf16, load_config,
-                 precision_name, run_main)
+from cli import UserError, load_config, run_main
 from malloc_tuning import keep_freed_memory
+from runtime import PRECISIONS, autocast, autocast_dtype, cpu_count, cpu_has_native_bf16, precision_name
 from metrics import LOSSES, per_image
 from training_engine import forward_loss, learning_rate, optimizer_step
 

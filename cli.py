@@ -9,7 +9,6 @@ import tokenize
 import types
 from dataclasses import dataclass
 
-import torch
 
 import malloc_tuning
 
@@ -25,7 +24,7 @@ SCRIPT_KEYS = {
     "training": """GPUs num_workers seed mixed_precision keep_freed_memory folder_path_train tile_size
                    train_crop_size num_epochs batch_size_train learning_rate weight_decay lr_schedule augment
                    val_fraction sync_batchnorm compile_model cache_tiles model_saved_location_{loss}
-                   save_interval keep_checkpoints resume training_loss_file_{loss}""".split(),
+                   save_interval keep_checkpoints finite_check_interval resume training_loss_file_{loss}""".split(),
     "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
                      model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
@@ -69,10 +68,11 @@ RULES = {
                        recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
                        slide_path tiles_output_folder exclude_tiles_in folder_path_features
                        features_output""".split(), TEXT),
-    **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval keep_checkpoints".split(), COUNT),
+    **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
     **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
     "num_workers": Rule(int, low=0),
+    "keep_checkpoints": Rule(int, low=0),
     # torch's generators take 64 bits and numpy's legacy seeding 32; the training loop derives per-epoch seeds
     # as seed * 100003 * 64 + ..., which must stay below 2**64. 32 bits leave room for that.
     "seed": Rule(int, low=0, high=2**32 - 1),
@@ -272,102 +272,3 @@ def run_main(main, script=None, loss=None, argv=None):
         # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
-
-
-def gpu_ids(gpus):
-    """Parse Config.GPUs ("0", "2,3", "cpu") into a list of ints; [] means CPU."""
-    text = str(gpus).strip().lower()
-    if text in ("", "cpu", "none"):
-        return []
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise UserError(f"GPUs={gpus!r}: use GPU ids such as \"0\" or \"2,3\", or \"cpu\"")
-
-
-def select_device(gpus, local_rank=0):
-    """The torch.device for this process: the local_rank-th listed GPU, or the CPU (said once)."""
-    ids = gpu_ids(gpus)
-    if not ids:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        if os.environ.get("AE_CPU_NOTICE_SHOWN") != "1":
-            print(f"CUDA is not available; running on the CPU (GPUs={gpus!r} ignored).")
-            os.environ["AE_CPU_NOTICE_SHOWN"] = "1"
-        return torch.device("cpu")
-    count = torch.cuda.device_count()
-    gpu = ids[local_rank % len(ids)]
-    if gpu >= count:
-        raise UserError(f"GPUs={gpus!r}: GPU {gpu} does not exist; this machine has {count} (ids 0..{count - 1})")
-    torch.cuda.set_device(gpu)
-    return torch.device("cuda", gpu)
-
-
-def worker_count(requested):
-    """Loader processes to start: num_workers from Config, but no more than the CPUs this process may use
-    (more only add start-up time and memory)."""
-    if requested < 0:
-        raise UserError(f"num_workers={requested} must be 0 or more")
-    return min(requested, cpu_count())
-
-
-def cpu_count():
-    """CPUs this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows
-        return os.cpu_count() or 1
-
-
-PRECISIONS = ("auto", "bf16", "fp16", "off")
-
-
-def cpu_has_native_bf16():
-    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX): only then is bf16 faster than fp32."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN, or one that renamed the check
-        return False
-
-
-def precision_mode(mode):
-    """Config.mixed_precision, normalised and checked (a UserError names the choices)."""
-    normal = str(mode).strip().lower()
-    if normal not in PRECISIONS:
-        raise UserError(f"mixed_precision={mode!r}: use one of {', '.join(repr(p) for p in PRECISIONS)}")
-    return normal
-
-
-def autocast_dtype(device, mode="auto", training=False):
-    """The torch.autocast dtype for Config.mixed_precision on device; None means plain fp32.
-
-    "auto": on CUDA, bf16 where the GPU supports it, else fp16 (training adds a GradScaler); on a CPU,
-    bf16 for training when the CPU computes bf16 natively, and fp32 for inference, so that metric
-    workbooks and features are the same on every CPU. "bf16" / "fp16" force one everywhere (fp16 only
-    on CUDA); "off" is fp32. Weights, optimiser state, losses and metrics stay fp32 in every mode."""
-    mode = precision_mode(mode)
-    on_gpu = device.type == "cuda"
-    if mode == "off":
-        return None
-    if mode == "fp16":
-        if not on_gpu:
-            raise UserError("mixed_precision='fp16' needs a CUDA GPU; on the CPU use 'bf16', 'auto' or 'off'")
-        return torch.float16
-    if mode == "bf16":
-        if on_gpu and not torch.cuda.is_bf16_supported():
-            raise UserError(f"mixed_precision='bf16': {torch.cuda.get_device_name(device)} has no bf16; "
-                            "use 'fp16', 'auto' or 'off'")
-        return torch.bfloat16
-    if on_gpu:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if training and device.type == "cpu" and cpu_has_native_bf16() else None
-
-
-def autocast(device_type, amp_dtype):
-    """torch.autocast to amp_dtype, or a no-op context for None (fp32): the one way every script enters it."""
-    return torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
-
-
-def precision_name(amp_dtype):
-    """How logs and workbooks name the precision autocast_dtype chose."""
-    return "fp32" if amp_dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]

@@ -14,10 +14,11 @@ from tqdm import tqdm
 
 import inference
 from Dataset import SkipLog, start_batches
-from cli import UserError, cpu_count, load_config, precision_name, run_main
+from cli import UserError, run_main
 from inference import reconstruct
 from outputs import check_target, check_writable, printable
 from report import METRIC_NAMES, comparison_names, save_comparison, write_workbook
+from runtime import cpu_count, precision_name
 
 
 def check_outputs(cfg, loss_name):

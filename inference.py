@@ -7,7 +7,8 @@ import torch
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
 from Dataset import ImageFolder, collate, ignore_interrupts
-from cli import UserError, autocast, autocast_dtype, precision_mode, select_device, worker_count
+from cli import UserError
+from runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
 from metrics import per_image
 
 

@@ -13,7 +13,7 @@ import os
 import torch
 from tqdm import tqdm
 
-from cli import cpu_count
+from runtime import cpu_count
 from Dataset import ignore_interrupts, start_batches
 
 DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache

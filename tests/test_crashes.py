@@ -78,28 +78,29 @@ def test_atomic_write_creates_files_others_can_read(tmp_path):
     assert (tmp_path / "model.pth").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would, not 0600
 
 
-def test_training_killed_after_first_checkpoint_resumes(tmp_path):
+def test_training_killed_between_checkpoint_and_loss_log_resumes(tmp_path):
     for index in range(6):
         Image.fromarray(tile_array(index, TILE)).save(tmp_path / f"tile_{index}.png")
     args = [f"--folder_path_train={tmp_path}", f"--model_saved_location_mse={tmp_path / 'ckpt'}",
             f"--training_loss_file_mse={tmp_path / 'loss.csv'}", f"--tile_size={TILE}", "--num_epochs=3",
             "--batch_size_train=6", "--save_interval=1", "--val_fraction=0", "--num_workers=0", "--GPUs=cpu"]
-    # Killed right after epoch 2's loss row is written, before epoch 2's checkpoint: the log is ahead of
-    # the newest checkpoint, the hardest state to resume from.
+    # Killed right after epoch 2's checkpoint is written, before its loss row: the log is behind the newest
+    # checkpoint, which holds the rows the log lacks.
     killed = run_killed(tmp_path, "checkpoint_io", "atomic_write",
                         "original(*args, **kwargs)\n"
-                        "    csv_writes = [a for a in calls if str(a[0]).endswith('.csv')]\n"
-                        "    if len(csv_writes) == 2 and csv_writes[-1] is args:\n"
+                        "    if str(args[0]).endswith('Model_AE_epoch_002.pth'):\n"
                         "        os.kill(os.getpid(), signal.SIGKILL)",
                         "Training_MSE.py", *args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()
-    first = tmp_path / "ckpt" / "Model_AE_epoch_001.pth"
-    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pth")) == [first.name]
-    checkpoint_io.load_weights(AutoEncoder(), first)
+    second = tmp_path / "ckpt" / "Model_AE_epoch_002.pth"
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.pth")) == ["Model_AE_epoch_001.pth", second.name]
+    checkpoint_io.load_weights(AutoEncoder(), second)
+    with open(tmp_path / "loss.csv", newline="") as handle:
+        assert [row["Epoch"] for row in csv.DictReader(handle)] == ["1"]
 
     resumed = run("Training_MSE.py", *args, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"Resuming from {first}" in resumed.stdout
+    assert f"Resuming from {second}" in resumed.stdout
     with open(tmp_path / "loss.csv", newline="") as handle:
         assert [row["Epoch"] for row in csv.DictReader(handle)] == ["1", "2", "3"]
     checkpoint_io.load_weights(AutoEncoder(), tmp_path / "ckpt" / "Final_Model_AE_MSE.pth")

@@ -1,14 +1,21 @@
 """Training in two CPU processes (DistributedDataParallel over gloo), started by torchrun or by launch()."""
 import csv
 import math
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
 
+import torch
+
 import training_engine
+import training_state
 from cli import load_config
 from conftest import REPO, script_env, tile_array
 
@@ -18,13 +25,13 @@ LOSS_LINE = "Epoch {}/{}, Average Loss:"
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ddp_tiles")
-    for index in range(10):
+    for index in range(18):
         Image.fromarray(tile_array(index, 32)).save(folder / f"tile_{index}.png")
     return folder
 
 
 def settings(tiles, out, epochs, *extra):
-    """8 training tiles (2 held out for validation), batch 4 = 2 per process: two steps an epoch."""
+    """14 training tiles (4 held out for validation), batch 4 = 2 per process: three steps an epoch."""
     return [f"--folder_path_train={tiles}", "--tile_size=32", "--batch_size_train=4", f"--num_epochs={epochs}",
             "--save_interval=1", "--num_workers=0", "--GPUs=cpu", "--augment=false", "--val_fraction=0.25",
             f"--model_saved_location_mse={out / 'checkpoints'}", f"--training_loss_file_mse={out / 'logs' / 'loss.csv'}",
@@ -78,7 +85,7 @@ def single(tiles, tmp_path_factory):
 def assert_two_process_run(result, out, epochs, single_files):
     for epoch in range(1, epochs + 1):
         assert result.stdout.count(LOSS_LINE.format(epoch, epochs)) == 1, result.stdout
-    assert result.stdout.count("Training on 8 tiles (2 more for validation)") == 1
+    assert result.stdout.count("Training on 14 tiles (4 more for validation)") == 1
     assert "x 2 processes" in result.stdout
     assert files(out) == single_files
     rows = read_rows(out / "logs" / "loss.csv")
@@ -103,8 +110,76 @@ def test_torchrun_trains_and_resumes(tiles, single, tmp_path):
     assert (tmp_path / "checkpoints" / "Model_AE_epoch_003.pth").is_file()
 
 
-def test_launch_with_sync_batchnorm(tiles, single, tmp_path):
-    result = launched(tiles, tmp_path, 2, "--sync_batchnorm=true")
+@pytest.fixture(scope="module")
+def launched_run(tiles, tmp_path_factory):
+    """An uninterrupted 2-epoch run in two processes started by launch(), with augmentation (sync_batchnorm
+    has no effect on the CPU): (folder, CompletedProcess)."""
+    out = tmp_path_factory.mktemp("launched")
+    return out, launched(tiles, out, 2, "--sync_batchnorm=true", "--augment=true")
+
+
+def test_launch_with_sync_batchnorm(launched_run, single):
+    out, result = launched_run
     assert "Starting 2 training processes" in result.stdout
     assert result.stdout.count("sync_batchnorm ignored") == 1
-    assert_two_process_run(result, tmp_path, 2, single)
+    assert_two_process_run(result, out, 2, single)
+
+
+# A launcher whose training steps are slow (0.3 s more each), so that a signal lands in the middle of an epoch:
+# spawned processes import this file as their __main__ too, so they get the slow loss as well.
+SLOW_LAUNCHER = """
+import sys, time
+import metrics
+real = metrics.LOSSES["mse"]
+def slow(output, target):
+    time.sleep(0.3)
+    return real(output, target)
+metrics.LOSSES["mse"] = slow
+import training_engine
+if __name__ == "__main__":
+    training_engine.run_main(lambda: training_engine.launch("mse", sys.argv[1:], processes=2))
+"""
+
+
+def test_sigterm_to_the_process_group_stops_both_processes_and_resumes_exactly(tiles, launched_run, tmp_path):
+    reference, _ = launched_run
+    launcher = tmp_path / "slow_launcher.py"
+    launcher.write_text(SLOW_LAUNCHER)
+    log = tmp_path / "interrupted.log"
+    env = dict(script_env(), PYTHONPATH=str(REPO))
+    with open(log, "w") as handle:
+        process = subprocess.Popen([sys.executable, str(launcher),
+                                    *settings(tiles, tmp_path, 2, "--augment=true", "--num_workers=1")],
+                                   cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        mid_epoch_2 = re.compile(r"Epoch 2/2:[^\r\n|]*\|[^\r\n|]*\| *1/3\b")
+        deadline = time.monotonic() + 180
+        while not mid_epoch_2.search(log.read_text(errors="replace")):
+            assert process.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, "timed out waiting for a step of epoch 2"
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: launcher, training and loader processes
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM, log.read_text(errors="replace")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log.read_text(errors="replace")
+    assert "Traceback" not in output and "exited unexpectedly" not in output
+    state = torch.load(tmp_path / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)
+    step = state["step"]  # the step running when the signal came: normally 2 of 3
+    assert state["epoch"] == 2 and 0 < step < 3 and state["world"] == 2
+    assert output.count(f"Interrupted at epoch 2, step {step}") == 1
+    assert not torch.equal(*state["aug_rng_states"]), "each process's own augmentation state"
+    assert state["rank_loss_counts"] == [2 * step, 2 * step] and state["loss_count"] == 4 * step
+
+    resumed = launched(tiles, tmp_path, 2, "--augment=true")
+    assert f"(epoch 2, after step {step})" in resumed.stdout and "Epoch 1/2" not in resumed.stdout
+    without_seconds = [{k: v for k, v in row.items() if k != "Seconds"}
+                       for row in read_rows(tmp_path / "logs" / "loss.csv")]
+    assert without_seconds == [{k: v for k, v in row.items() if k != "Seconds"}
+                               for row in read_rows(reference / "logs" / "loss.csv")]
+    final, expected = (torch.load(out / "checkpoints" / "Final_Model_AE_MSE.pth", weights_only=True)
+                       for out in (tmp_path, reference))
+    assert all(torch.equal(final[key], expected[key]) for key in expected)

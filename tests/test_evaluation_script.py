@@ -18,7 +18,8 @@ import report
 from Auto_encoder import AutoEncoder
 from Dataset import find_images, load_image
 from outputs import png_bytes
-from cli import UserError, autocast_dtype, load_config
+from cli import UserError, load_config
+from runtime import autocast_dtype
 from conftest import REPO, SAMPLE_TILES, tile_array
 
 TILE = 64

@@ -14,7 +14,8 @@ import Extract_Features
 import inference
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
-from cli import autocast_dtype, load_config
+from cli import load_config
+from runtime import autocast_dtype
 from conftest import REPO, script_env, tile_array
 from inference import load_model
 

@@ -1,6 +1,8 @@
 """Training never loses work: exact resume, kill -9, Ctrl-C / SIGTERM, a non-finite loss, the validation split."""
 import csv
+import errno
 import math
+import os
 import re
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from PIL import Image
 import checkpoint_io
 import metrics
 import training_engine
+import training_state
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder
 from cli import UserError, load_config
@@ -100,13 +103,13 @@ def start_training():
             processes.append(subprocess.Popen(
                 [sys.executable, str(REPO / "Training_MSE.py"), *args], cwd=cwd, env=script_env(),
                 stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
+                preexec_fn=lambda: (os.setpgrp(), signal.signal(signal.SIGINT, signal.SIG_DFL))))
         return processes[-1]
 
     yield start
     for process in processes:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # its own process group: loader workers included
             process.wait()
 
 
@@ -177,12 +180,11 @@ def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path, capsys, start_
     process.kill()
     assert process.wait(timeout=60) == -signal.SIGKILL
 
-    latest_epoch, latest_path = training_engine.latest_checkpoint(str(checkpoints))
+    latest_epoch, latest_path = training_state.latest_checkpoint(str(checkpoints))
     assert 2 <= latest_epoch < 4
     assert torch.load(latest_path, weights_only=True)["epoch"] == latest_epoch
-    # The loss log is written just before each checkpoint, so it may be one epoch ahead of it.
-    assert epochs_of(read_rows(tmp_path / "loss.csv")) in ([*range(1, latest_epoch + 1)],
-                                                            [*range(1, latest_epoch + 2)])
+    # The loss log is written just after each checkpoint, so it may be one epoch behind it.
+    assert epochs_of(read_rows(tmp_path / "loss.csv")) in ([*range(1, latest_epoch + 1)], [*range(1, latest_epoch)])
     assert not (checkpoints / "Final_Model_AE_MSE.pth").exists()
 
     out, rows = resume_in_process(args, capsys)
@@ -192,24 +194,32 @@ def test_resume_after_kill_9(long_tiles, uninterrupted, tmp_path, capsys, start_
     assert_same_weights(final(tmp_path), final(reference))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_path, capsys, start_training, sig):
+@pytest.mark.parametrize("sig, times, group, workers", [(signal.SIGINT, 1, False, 0), (signal.SIGTERM, 2, True, 2)],
+                         ids=["SIGINT", "SIGTERM-twice-to-the-group-with-loader-workers"])
+def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_path, capsys, start_training, sig, times,
+                                               group, workers):
+    """Ctrl-C, or a scheduler's SIGTERM to the whole process group (loader workers included), once or twice:
+    the step finishes, the interrupt checkpoint is written and the same command resumes exactly."""
     reference, reference_rows = uninterrupted
     args = long_settings(long_tiles, tmp_path, 2)  # save_interval 100: only the interrupt checkpoint saves work
     checkpoints, log = tmp_path / "checkpoints", tmp_path / "interrupted.log"
-    process = start_training(args, tmp_path, log)
+    process = start_training([*args, f"--num_workers={workers}"], tmp_path, log)
     mid_epoch_2 = re.compile(rf"Epoch 2/2:[^\r\n|]*\|[^\r\n|]*\| *[1-9]\d*/{LONG_EPOCH_STEPS}\b")
     wait_until(lambda: mid_epoch_2.search(log.read_text(errors="replace")), process, "a step of epoch 2")
-    process.send_signal(sig)
-    assert process.wait(timeout=120) == 130, log.read_text(errors="replace")
+    for _ in range(times):
+        if group:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+    assert process.wait(timeout=120) == 128 + sig, log.read_text(errors="replace")
     output = log.read_text(errors="replace")
-    assert "Traceback" not in output
+    assert "Traceback" not in output and "exited unexpectedly" not in output
 
-    state = torch.load(checkpoints / training_engine.INTERRUPT_NAME, weights_only=True)
+    state = torch.load(checkpoints / training_state.INTERRUPT_NAME, weights_only=True)
     assert {"epoch", "step", "model_state_dict", "optimizer_state_dict"} <= set(state)
     assert state["epoch"] == 2 and 0 < state["step"] < LONG_EPOCH_STEPS
     assert f"Interrupted at epoch 2, step {state['step']}" in output
-    assert training_engine.latest_checkpoint(str(checkpoints)) is None
+    assert training_state.latest_checkpoint(str(checkpoints)) is None
     assert epochs_of(read_rows(tmp_path / "loss.csv")) == [1]
 
     out, rows = resume_in_process(args, capsys)
@@ -217,7 +227,7 @@ def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_pa
     assert "Epoch 1/2" not in out
     assert without_seconds(rows) == without_seconds(reference_rows[:2])
     assert_same_weights(final(tmp_path), weights(reference / "checkpoints" / "Model_AE_epoch_002.pth"))
-    assert not (checkpoints / training_engine.INTERRUPT_NAME).exists()
+    assert not (checkpoints / training_state.INTERRUPT_NAME).exists()
 
 
 def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path, monkeypatch):
@@ -243,7 +253,7 @@ def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path
                 train(small_tiles, tmp_path / "run", 2)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    state = torch.load(tmp_path / "run" / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
+    state = torch.load(tmp_path / "run" / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)
     assert (state["epoch"], state["step"]) == (2, 1)
 
     train(small_tiles, tmp_path / "run", 2)
@@ -262,13 +272,13 @@ def wrapped_up(small_tiles, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("where, epoch", [("validation", 2), ("best model", 1), ("loss curve", 2)])
+@pytest.mark.parametrize("where, epoch", [("validation", 2), ("best model", 1), ("loss curve", 1)])
 def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up, tmp_path, monkeypatch, where,
                                                          epoch):
     """Ctrl-C after an epoch's last step, while it is validated, its best model saved or its curve drawn."""
     best_path = str(tmp_path / "checkpoints" / "Best_Model_AE_MSE.pth")
     module, name = {"validation": (training_engine, "validation_metrics"), "best model": (checkpoint_io, "save"),
-                    "loss curve": (training_engine, "plot_history")}[where]
+                    "loss curve": (training_state, "plot_history")}[where]
     real, calls = getattr(module, name), []
 
     def interrupted(*args):
@@ -282,7 +292,7 @@ def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up
         patch.setattr(module, name, interrupted)
         with pytest.raises(KeyboardInterrupt):
             train(small_tiles, tmp_path, 3, *WRAP_UP)
-    state = torch.load(tmp_path / "checkpoints" / training_engine.INTERRUPT_NAME, weights_only=True)
+    state = torch.load(tmp_path / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)
     assert state["epoch"] == epoch
 
     train(small_tiles, tmp_path, 3, *WRAP_UP)
@@ -402,3 +412,59 @@ def test_split_indices_deterministic_and_disjoint():
     assert training_engine.split_indices(100, 0.2, seed=4)[1] != val_idx
     assert training_engine.split_indices(100, 0, seed=3) == (list(range(100)), [])
     assert len(training_engine.split_indices(10, 0.01, seed=0)[1]) == 1, "any positive fraction holds out a tile"
+
+
+def test_periodic_finiteness_check_stops_within_its_interval(long_tiles, tmp_path, monkeypatch):
+    """The loss is read back from the device only every finite_check_interval steps: a NaN at step 4 stops
+    training at the check after step 6, with the step it happened at, and nothing is saved."""
+    real, calls = metrics.LOSSES["mse"], []
+
+    def nan_at_fourth_step(output, target):
+        calls.append(1)
+        loss = real(output, target)
+        return loss * math.nan if len(calls) == 4 else loss
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_fourth_step)
+    with pytest.raises(UserError, match=r"loss became nan at epoch 1, step 4\b.*lower learning_rate"):
+        training_engine.train(load_config(long_settings(long_tiles, tmp_path, 2, "--finite_check_interval=3")), "mse")
+    assert len(calls) == 6
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+@pytest.mark.parametrize("batch", [8, 2], ids=["one-step", "several-steps"])
+def test_diverged_run_saves_no_model(small_tiles, tmp_path, capsys, batch):
+    """learning_rate=inf: the weights are not finite after the first step. Training stops with one line,
+    writes no Final model and names no Best model."""
+    cfg = load_config(settings(small_tiles, tmp_path, 1, f"--batch_size_train={batch}", "--val_fraction=0.2"))
+    cfg.learning_rate = math.inf  # Config validation refuses it; a learning rate far too high ends the same way
+    with pytest.raises(UserError, match=r"(weights became non-finite|loss became nan) at epoch 1\b") as error:
+        training_engine.train(cfg, "mse")
+    assert "\n" not in str(error.value)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert "Best_Model" not in capsys.readouterr().out
+
+
+def test_failed_loss_log_write_keeps_the_finished_epoch(small_tiles, wrapped_up, tmp_path, monkeypatch, capsys):
+    """Disk full while the loss log is written after epoch 2 (no periodic checkpoint due): one line, and the
+    interrupt checkpoint keeps epochs 1 and 2 for the next run."""
+    real, calls = training_state.write_history, []
+
+    def full_disk_at_epoch_2(path, rows):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, rows)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training_state, "write_history", full_disk_at_epoch_2)
+        with pytest.raises(UserError, match=r"cannot write .*loss\.csv.* \(No space left on device\)"):
+            train(small_tiles, tmp_path, 3, *WRAP_UP)
+    state = torch.load(tmp_path / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)
+    assert state["epoch"] == 2 and state["step"] == 2
+    capsys.readouterr()
+
+    train(small_tiles, tmp_path, 3, *WRAP_UP)
+    out = capsys.readouterr().out
+    assert "(epoch 2, after step 2)" in out and "Epoch 1/3" not in out
+    assert without_seconds(read_rows(tmp_path / "loss.csv")) == without_seconds(read_rows(wrapped_up / "loss.csv"))
+    assert_same_weights(final(tmp_path), final(wrapped_up))

@@ -3,6 +3,8 @@ import csv
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,9 +12,10 @@ from PIL import Image
 
 import metrics
 import training_engine
+import training_state
 from Auto_encoder import AutoEncoder
 from cli import load_config
-from conftest import run_repo_script, tile_array
+from conftest import REPO, run_repo_script, script_env, tile_array
 
 TILE_NAMES = [f"slide{i // 4}/tile_{i}.png" for i in range(6)] + ["extra/deeper/tile_6.jpg", "tile_7.png"]
 CHECKPOINT_KEYS = {"epoch", "model_state_dict", "optimizer_state_dict", "loss"}
@@ -204,5 +207,19 @@ def test_latest_checkpoint_is_the_highest_epoch(tmp_path):
     for name in ("Model_AE_epoch_002.pth", "Model_AE_epoch_010.pth", "Model_AE_epoch_009.pth", "Final_Model_AE_MSE.pth",
                  "Model_AE_epoch_011.pth.tmp"):
         (tmp_path / name).write_bytes(b"")
-    assert training_engine.latest_checkpoint(str(tmp_path)) == (10, str(tmp_path / "Model_AE_epoch_010.pth"))
-    assert training_engine.latest_checkpoint(str(tmp_path / "none")) is None
+    assert training_state.latest_checkpoint(str(tmp_path)) == (10, str(tmp_path / "Model_AE_epoch_010.pth"))
+    assert training_state.latest_checkpoint(str(tmp_path / "none")) is None
+
+
+def test_training_piped_into_head_keeps_training(tiles, tmp_path):
+    """python Training_MSE.py ... | head -1: the reader leaves after one line; training carries on to the end."""
+    process = subprocess.Popen([sys.executable, str(REPO / "Training_MSE.py"), *settings(tiles, tmp_path, "mse", 2)],
+                               cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"Training on 7 tiles")
+    process.stdout.close()
+    stderr = process.stderr.read().decode(errors="replace")
+    assert process.wait(timeout=300) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+    assert paths(tmp_path, "mse")["final"].is_file()
+    assert [int(row["Epoch"]) for row in read_csv(paths(tmp_path, "mse")["csv"])[1]] == [1, 2]

@@ -1,0 +1,162 @@
+"""runtime.py: which GPU each process takes (CUDA mocked: four GPUs), the built-in launcher, and stdout that
+goes away while training runs."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import runtime
+import training_engine
+from cli import UserError
+from conftest import REPO, script_env
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """A machine with four CUDA GPUs, as far as runtime can tell; returns the ids passed to set_device."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    for key in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+    return chosen
+
+
+def started_as(monkeypatch, local_rank, processes):
+    """The environment torchrun --nproc_per_node=processes (or runtime.spawn) gives the process local_rank."""
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(processes))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("WORLD_SIZE", str(processes))
+
+
+@pytest.mark.parametrize("gpus", ["0", "0,1,2,3"])
+def test_torchrun_gives_each_process_its_own_gpu(four_gpus, monkeypatch, gpus):
+    """Config.py untouched (GPUs = "0") and torchrun --nproc_per_node=4: ranks 0..3 on cuda:0..3, not all on 0."""
+    devices = []
+    for local_rank in range(4):
+        started_as(monkeypatch, local_rank, 4)
+        devices.append(runtime.select_device(gpus))
+    assert devices == [torch.device("cuda", i) for i in range(4)]
+    assert four_gpus == [0, 1, 2, 3]
+
+
+def test_listed_gpus_are_taken_in_their_order(four_gpus, monkeypatch):
+    devices = []
+    for local_rank in range(2):
+        started_as(monkeypatch, local_rank, 2)
+        devices.append(runtime.select_device("3,1"))
+    assert devices == [torch.device("cuda", 3), torch.device("cuda", 1)]
+
+
+def test_one_process_takes_the_listed_gpu(four_gpus):
+    assert runtime.select_device("2") == torch.device("cuda", 2) and four_gpus == [2]
+
+
+@pytest.mark.parametrize("gpus, processes, words", [
+    ("0,1", 4, ["GPUs='0,1' lists 2 GPU(s)", "4 training processes", "--nproc_per_node=4"]),
+    ("2", 2, ["GPUs='2' lists 1 GPU(s)", "2 training processes"]),
+    ("0,0", 1, ["GPUs='0,0'", "once"]),
+])
+def test_gpus_contradicting_the_launch_is_one_line_naming_both(four_gpus, monkeypatch, gpus, processes, words):
+    started_as(monkeypatch, 0, processes)
+    with pytest.raises(UserError) as error:
+        runtime.select_device(gpus)
+    assert all(word in str(error.value) for word in words) and "\n" not in str(error.value)
+    assert four_gpus == []
+
+
+def test_local_rank_beyond_the_visible_gpus(four_gpus, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
+    started_as(monkeypatch, 5, 8)
+    with pytest.raises(UserError, match=r"LOCAL_RANK=5: GPU 5 does not exist.*4 GPU\(s\) "
+                                        r"\(CUDA_VISIBLE_DEVICES='4,5,6,7'\)"):
+        runtime.select_device("0")
+
+
+def test_builtin_launcher_starts_one_process_per_listed_gpu(four_gpus, monkeypatch):
+    started = []
+    monkeypatch.setattr(runtime, "spawn", lambda processes, target, args: started.append(processes) or [0] * processes)
+    training_engine.launch("mse", ["--GPUs=0,1,2,3"])
+    assert started == [4]
+    devices = []
+    for local_rank in range(4):  # the environment runtime.spawn gives each of them
+        started_as(monkeypatch, local_rank, 4)
+        devices.append(runtime.select_device("0,1,2,3"))
+    assert devices == [torch.device("cuda", i) for i in range(4)]
+
+
+# runtime.spawn's processes report their environment, then wait for a signal, as training does.
+SPAWNING = """
+import json, os, signal, sys, time
+import runtime
+from cli import run_main
+
+def child(folder):
+    got = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])  # spawn() starts them blocked
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR")
+    path = os.path.join(folder, os.environ["RANK"] + ".json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump({key: os.environ[key] for key in keys}, handle)
+    os.replace(path + ".tmp", path)
+    while not got:
+        time.sleep(0.05)
+    sys.exit(128 + got[0])
+
+if __name__ == "__main__":
+    run_main(lambda: runtime.spawn(2, child, (sys.argv[1],)))
+"""
+
+
+def test_spawn_sets_each_process_up_and_passes_a_signal_on(tmp_path):
+    """A SIGTERM to the launching process alone (kill PID) reaches both processes; it then exits 143."""
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWNING)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdin=subprocess.DEVNULL, text=True,
+                               env=dict(script_env(), PYTHONPATH=str(REPO)), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"{rank}.json").exists() for rank in (0, 1)):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.strip() == "interrupted"
+    for rank in (0, 1):
+        env = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert env == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1"}
+
+
+def test_stdout_whose_reader_left_is_not_an_error(tmp_path):
+    code = ("import runtime\n"
+            "runtime.keep_going_without_stdout()\n"
+            "print('first', flush=True)\n"
+            "for i in range(20000):\n"
+            "    print('more output', i)\n"
+            "runtime.say('still here')\n"
+            "open(r'%s', 'w').write('finished')\n" % (tmp_path / "done"))
+    reader = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=script_env())
+    assert reader.stdout.readline() == b"first\n"
+    reader.stdout.close()  # as `| head -1` does
+    stderr = reader.stderr.read().decode()
+    assert reader.wait(timeout=60) == 0, stderr
+    assert stderr == "" and (tmp_path / "done").read_text() == "finished"
+
+
+def test_gpu_check_script_parses():
+    """tools/gpu_check.sh runs where a GPU is; here its syntax is checked."""
+    result = subprocess.run(["bash", "-n", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

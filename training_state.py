@@ -1,0 +1,398 @@
+"""What lets a training run stop and carry on: checkpoints, the interrupt handler and the loss log.
+
+Periodic checkpoints Model_AE_epoch_NNN.pth (the newest keep_checkpoints), Model_AE_interrupt.pth (an epoch
+stopped part-way), Best_ and Final_ models. Training checkpoints carry the experiment's settings (a resume
+never continues another experiment) and the loss log's rows (the log can always be rebuilt).
+"""
+import contextlib
+import csv
+import glob
+import hashlib
+import io
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+import types
+
+import torch
+
+import checkpoint_io
+from cli import UserError
+
+CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
+_FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SSIM": "{:.6f}",
+            "Learning_Rate": "{:.4g}", "Images_Seen": "{:.0f}", "Seconds": "{:.1f}"}
+INTERRUPT_NAME = "Model_AE_interrupt.pth"
+_EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")
+
+
+def periodic_checkpoints(folder):
+    """[(epoch, path)] of the Model_AE_epoch_NNN.pth files in folder, oldest first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), "Model_AE_epoch_*.pth")):
+        match = _EPOCH_FILE.fullmatch(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder):
+    """(epoch, path) of the newest Model_AE_epoch_NNN.pth in folder, or None."""
+    found = periodic_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(folder, keep, newest_epoch):
+    """Delete the periodic checkpoints before newest_epoch beyond the `keep` newest (0 keeps all)."""
+    older = [path for epoch, path in periodic_checkpoints(folder) if epoch < newest_epoch]
+    for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def move_aside(paths, say):
+    """--resume=false: the previous run's checkpoints, models and loss log go into a previous_run_<time>
+    folder inside the checkpoint folder, where no later run looks for something to resume."""
+    names = {os.path.basename(p) for p in (paths.interrupt, paths.final, paths.best)}
+    found = [os.path.join(paths.folder, name) for name in sorted(os.listdir(paths.folder))
+             if name in names or _EPOCH_FILE.fullmatch(name)] if os.path.isdir(paths.folder) else []
+    found += [p for p in (paths.log, paths.plot) if os.path.isfile(p)]
+    if not found:
+        return
+    target = tempfile.mkdtemp(prefix=time.strftime("previous_run_%Y%m%d-%H%M%S_"), dir=paths.folder)
+    os.chmod(target, os.stat(paths.folder).st_mode & 0o777)  # as shared as the checkpoint folder, not private
+    for path in found:
+        shutil.move(path, os.path.join(target, os.path.basename(path)))
+    say(f"Starting over (resume=False): moved the previous run's {len(found)} file(s) to {target}; "
+        "delete that folder once you no longer need it.")
+
+
+def _number(text, decimal_comma):
+    """A cell as a finite float, or None for an empty, 'n/a' or otherwise non-numeric cell."""
+    text = (text or "").strip()
+    if decimal_comma:
+        text = text.replace(",", ".")
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_history(csv_path, up_to_epoch):
+    """Rows of an earlier run's loss log for epochs 1..up_to_epoch, as this run writes them. A spreadsheet's
+    round trip is fine: byte-order mark, ';' or tab separator, decimal commas, '1.0' for 1, 'n/a' (read as
+    empty). A file it cannot read is a UserError, raised before anything is written."""
+    if not os.path.isfile(csv_path):
+        return []
+    try:
+        with open(csv_path, encoding="utf-8-sig", newline="") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read the loss log {csv_path!r} ({getattr(err, 'strerror', None) or err}): "
+                        "fix it, or move it away to start its history anew; nothing was changed")
+    delimiter = max((",", ";", "\t"), key=text.split("\n", 1)[0].count)
+    try:
+        reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+        columns, raws = [name.strip() for name in reader.fieldnames or []], list(reader)
+    except csv.Error as err:
+        raise UserError(f"cannot read the loss log {csv_path!r} ({err}): fix it, or move it away to start its "
+                        "history anew; nothing was changed")
+    if text.strip() and not {"Epoch", "Loss"} <= set(columns):
+        raise UserError(f"the loss log {csv_path!r} has no Epoch and Loss columns: fix its first line, or move it "
+                        "away to start its history anew; nothing was changed")
+    rows = {}
+    for raw in raws:
+        cells = {(key or "").strip(): value if isinstance(value, str) else "" for key, value in raw.items()}
+        epoch = _number(cells.get("Epoch"), False)
+        if epoch is None or epoch != int(epoch) or not 1 <= epoch <= up_to_epoch:
+            continue  # a blank line, a note, or an epoch this resume has not reached
+        row = {"Epoch": int(epoch)}
+        for column in CSV_COLUMNS[1:]:
+            value = _number(cells.get(column), delimiter == ";")
+            row[column] = "" if value is None else _FORMATS[column].format(value)
+        rows[int(epoch)] = row
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def write_history(csv_path, rows):
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    checkpoint_io.atomic_write(csv_path, write)
+
+
+def write_log(run, plot):
+    """Write run's loss log, and its curve if plot; returns the UserError of a failed write (a full disk)
+    instead of raising it."""
+    try:
+        write_history(run.paths.log, run.history)
+        if plot:
+            plot_history(run.paths.plot, run.history, run.loss_name)
+    except UserError as err:
+        return err
+    except OSError as err:
+        return UserError(f"cannot write {err.filename or run.paths.log!r} ({err.strerror}): free some space or fix "
+                         "the folder, then run the same command again to resume")
+    return None
+
+
+def plot_history(png_path, rows, loss_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    trained = [(int(r["Epoch"]), float(r["Loss"])) for r in rows if r.get("Loss") not in (None, "")]
+    ax.plot([e for e, _ in trained], [v for _, v in trained], marker="o", markersize=3, label="training")
+    key = "Val_MSE" if loss_name == "mse" else "Val_SSIM"
+    validated = [(int(r["Epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+    if validated:
+        values = [v if loss_name == "mse" else 1 - v for _, v in validated]
+        ax.plot([e for e, _ in validated], values, marker="s", markersize=3, label="validation")
+        ax.legend()
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("MSE loss" if loss_name == "mse" else "1 - SSIM")
+    ax.set_title(f"Training loss ({loss_name.upper()})")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+
+    def write(tmp):
+        with open(tmp, "wb") as handle:
+            handle.write(buffer.getvalue())
+    checkpoint_io.atomic_write(png_path, write)
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and a job scheduler's SIGTERM stop training with an interrupt checkpoint. The first
+    signal counts; later ones are ignored, so nothing cuts the save short (kill -9 stops at once). Inside
+    deferred() (one optimisation step) the signal waits for the step to end: the checkpoint never holds half
+    a step. In one process (immediate) a signal elsewhere stops at once; with several, where all agree to
+    stop (before each step), so none is left waiting in a collective op the others have left."""
+
+    def __init__(self, immediate, notice=None):
+        self.immediate, self.notice = immediate, notice
+        self.signum, self.deferring = None, False
+
+    def interrupt(self):
+        """The KeyboardInterrupt to raise, with the signal that caused it (cli.run_main exits 128 + signum)."""
+        error = KeyboardInterrupt()
+        error.signum = self.signum or signal.SIGINT
+        return error
+
+    def stopping(self):
+        """Called while the interrupt checkpoint is written: from now on every signal is ignored."""
+        self.signum = self.signum or signal.SIGINT
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            return
+        self.signum = signum
+        if self.immediate and not self.deferring:
+            raise self.interrupt()
+        if self.notice:
+            with contextlib.suppress(OSError):  # os.write: print() may not be re-entered from a handler
+                os.write(2, f"\n{signal.Signals(signum).name}: {self.notice}\n".encode())
+
+    @contextlib.contextmanager
+    def installed(self):
+        signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+        previous = {s: signal.signal(s, self._handle) for s in signals}
+        if not self.immediate:
+            for s in signals:  # a signal must not break off a blocking call inside a collective op
+                signal.siginterrupt(s, False)
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # runtime.spawn starts processes blocked
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.immediate and self.signum is not None:
+            raise self.interrupt()
+
+
+class Refused(UserError):
+    """A checkpoint that is intact but cannot continue this run (another experiment, another launch)."""
+
+
+def experiment(cfg, loss_name, model):
+    """The settings that make a run this experiment and no other: a checkpoint with other values is refused."""
+    crop = cfg.train_crop_size if 0 < cfg.train_crop_size < cfg.tile_size else 0
+    layers = ";".join(f"{key}{tuple(value.shape)}" for key, value in model.state_dict().items())
+    return {"loss": loss_name, "tile_size": cfg.tile_size, "train_crop_size": crop,
+            "architecture": "AE_CRC-" + hashlib.sha1(layers.encode()).hexdigest()[:10]}
+
+
+def check_experiment(state, source, settings, folder_key):
+    saved = state.get("settings")
+    if not isinstance(saved, dict):  # written before checkpoints carried their settings
+        return
+    differ = [f"{key}={saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
+              if saved.get(key) != value]
+    if differ:
+        raise Refused(f"cannot resume from {source!r}: it belongs to another experiment ({'; '.join(differ)}); "
+                      f"set {folder_key} to another folder, or pass --resume=false to start over (the old run is "
+                      "moved aside)")
+
+
+def check_optimizer(optimizer_state, model, source):
+    """A UserError unless optimizer_state is Adam's state for exactly this model's parameters."""
+    params = list(model.parameters())
+    try:
+        count = sum(len(group["params"]) for group in optimizer_state["param_groups"])
+        problem = f"{count} parameters, the model has {len(params)}" if count != len(params) else None
+        for index, entry in optimizer_state["state"].items():
+            moments, param = (entry["exp_avg"], entry["exp_avg_sq"]), params[index] if index >= 0 else None
+            if problem is None and not all(isinstance(m, torch.Tensor) and m.is_floating_point()
+                                           and m.shape == param.shape and bool(torch.isfinite(m).all())
+                                           for m in moments):
+                problem = f"the moments of parameter {index} are not finite tensors of its shape"
+    except (TypeError, KeyError, IndexError, AttributeError):
+        problem = "it is not Adam's state for this model"
+    if problem:
+        raise UserError(f"cannot resume from {source!r}: its optimizer state does not fit the model ({problem}); "
+                        "pass --resume=false to start over")
+
+
+def _int_field(state, key, source, low=0):
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"cannot resume from {source!r}: its {key!r} is {value!r}, not a whole number of at least "
+                        f"{low}; pass --resume=false to start over")
+    return value
+
+
+def _load(source, target, settings, folder_key):
+    """The training checkpoint at source, its weights, optimizer and scaler state loaded into target."""
+    state = checkpoint_io.load_weights(target.model, source)
+    if not isinstance(state, dict) or "optimizer_state_dict" not in state or "epoch" not in state:
+        raise UserError(f"cannot resume from {source!r}: it holds weights only, not a training checkpoint; "
+                        "move it out of the checkpoint folder or pass --resume=false")
+    check_experiment(state, source, settings, folder_key)
+    _int_field(state, "epoch", source, low=1)
+    check_optimizer(state["optimizer_state_dict"], target.model, source)
+    try:
+        target.optimizer.load_state_dict(state["optimizer_state_dict"])
+        if target.scaler.is_enabled() and state.get("scaler_state_dict"):  # empty when saved in bf16 or fp32
+            target.scaler.load_state_dict(state["scaler_state_dict"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise UserError(f"cannot resume from {source!r}: its optimizer or scaler state does not fit "
+                        f"({type(err).__name__}: {str(err)[:120]}); pass --resume=false to start over")
+    return state
+
+
+def _rank_part(state, source, rank, world, batch_size):
+    """This process's share of an interrupt checkpoint: (augmentation RNG state, loss sum, loss count)."""
+    _int_field(state, "step", source)
+    saved_world, saved_batch = state.get("world", 1), state.get("batch_size_train", batch_size)
+    if (saved_world, saved_batch) != (world, batch_size):
+        raise Refused(f"{source!r} stopped epoch {state['epoch']} part-way with batch_size_train={saved_batch} in "
+                      f"{saved_world} process(es); this run has batch_size_train={batch_size} in {world}: resume it "
+                      "with the same, or delete it to redo that epoch from the last periodic checkpoint")
+    if "aug_rng_states" in state:
+        parts = (state["aug_rng_states"], state["rank_loss_sums"], state["rank_loss_counts"])
+        if not all(isinstance(p, list) and len(p) == world for p in parts):
+            raise UserError(f"cannot resume from {source!r}: its per-process state is incomplete; delete it "
+                            "to redo that epoch from the last periodic checkpoint")
+        return tuple(p[rank] for p in parts)
+    return state["aug_rng_state"], state["loss_sum"], state["loss_count"]  # one-process file of an earlier version
+
+
+def _history(state, log, up_to_epoch):
+    rows = state.get("history")
+    if isinstance(rows, list) and all(isinstance(r, dict) and str(r.get("Epoch", "")).isdigit() for r in rows):
+        return [dict(r) for r in rows if int(r["Epoch"]) <= up_to_epoch]
+    return read_history(log, up_to_epoch)  # a checkpoint of an earlier version: the log is all there is
+
+
+def restore(paths, target, settings, folder_key, say):
+    """Load what this run continues from into target (model, optimizer, scaler; rank, world, batch_size):
+    the interrupt checkpoint if it is newer than the newest periodic one, else that periodic one.
+    Returns (start_epoch, this process's part of an interrupted epoch or None, history rows, best_val)."""
+    periodic = latest_checkpoint(paths.folder)
+    state = source = None
+    if os.path.isfile(paths.interrupt):
+        try:
+            state, source = _load(paths.interrupt, target, settings, folder_key), paths.interrupt
+        except Refused:
+            raise
+        except UserError as err:
+            if periodic is None:
+                raise
+            say(f"warning: {paths.interrupt} cannot be used ({err}); resuming from {periodic[1]} instead, so the "
+                "work after it is done again")
+        if state is not None and periodic and periodic[0] >= state["epoch"]:
+            state = None  # an older interruption that a later run already went past
+    if state is not None:
+        part = _rank_part(state, source, target.rank, target.world, target.batch_size)
+        start, step = state["epoch"], state["step"]
+        say(f"Resuming from {source} (epoch {start}, after step {step}); pass --resume=false to start over.")
+        part = types.SimpleNamespace(aug_state=part[0], loss_sum=float(part[1]), loss_count=int(part[2]), step=step,
+                                     seconds=float(state.get("seconds", 0.0)), images_seen=int(state["images_seen"]))
+        history = _history(state, paths.log, start - 1)
+    elif periodic:
+        state, source = _load(periodic[1], target, settings, folder_key), periodic[1]
+        start, part, history = state["epoch"] + 1, None, _history(state, paths.log, state["epoch"])
+        say(f"Resuming from {source} (epoch {state['epoch']}); pass --resume=false to start over.")
+    else:
+        return 1, None, [], math.inf
+    best = state.get("best_val_loss", math.inf)
+    return start, part, history, float(best) if isinstance(best, (int, float)) and not math.isnan(best) else math.inf
+
+
+def start_or_resume(run):
+    """Set run up to continue from the newest checkpoint (resume=True), or to start over with the previous
+    run moved aside (resume=False): start_epoch, partial (an interrupted epoch's part), history, best_val."""
+    cfg, ddp = run.cfg, run.ddp
+    if not cfg.resume:
+        if ddp.main:
+            move_aside(run.paths, run.say)
+        ddp.barrier()
+        run.start_epoch, run.partial, run.history, run.best_val = 1, None, [], math.inf
+    else:
+        target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
+                                       rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
+        run.start_epoch, run.partial, run.history, run.best_val = restore(
+            run.paths, target, run.settings, f"model_saved_location_{run.loss_name}", run.say)
+    seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
+    run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
+
+
+def _common(run, epoch):
+    return {"epoch": epoch, "model_state_dict": run.raw_model.state_dict(),
+            "optimizer_state_dict": run.optimizer.state_dict(), "scaler_state_dict": run.scaler.state_dict(),
+            "best_val_loss": run.best_val, "settings": run.settings,
+            "history": [row for row in run.history if int(row["Epoch"]) <= epoch]}
+
+
+def periodic_state(run, epoch, average):
+    """Model_AE_epoch_NNN.pth: the run after `epoch` (the reference's keys, and what resuming needs)."""
+    return _common(run, epoch) | {"loss": average}
+
+
+def interrupt_state(run, epoch, step, ranks, seconds):
+    """Model_AE_interrupt.pth: the run after `step` steps of `epoch`, with every process's part of the epoch
+    (ranks: [(augmentation RNG state, loss sum, loss count)] in rank order)."""
+    state = _common(run, epoch - 1) | {"epoch": epoch}
+    return state | {"step": step, "loss_sum": sum(r[1] for r in ranks), "loss_count": sum(r[2] for r in ranks),
+                    "aug_rng_state": ranks[0][0], "aug_rng_states": [r[0] for r in ranks],
+                    "rank_loss_sums": [r[1] for r in ranks], "rank_loss_counts": [r[2] for r in ranks],
+                    "images_seen": run.images_seen, "seconds": seconds, "world": len(ranks),
+                    "batch_size_train": run.cfg.batch_size_train}
