@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 import checkpoint_io
 import runtime
+import tile_cache
 import training_state
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog, collate
@@ -23,26 +24,18 @@ from cli import UserError, load_config, run_main
 from inference import reconstruct
 from metrics import LOSSES
 from outputs import check_writable
-from runtime import Distributed, autocast, autocast_dtype, precision_mode, precision_name, worker_count
+from runtime import Distributed, autocast, autocast_dtype, precision_name, worker_count
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
 
 
 def validate(cfg):
-    for key, low in (("tile_size", 1), ("num_epochs", 1), ("batch_size_train", 1), ("save_interval", 1),
-                     ("finite_check_interval", 1), ("keep_checkpoints", 0)):
-        if getattr(cfg, key) < low:
-            raise UserError(f"{key}={getattr(cfg, key)} must be at least {low}")
+    """Checks across settings (cli.load_config has checked each setting on its own)."""
     if cfg.tile_size % DOWNSAMPLING:
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
     if cfg.train_crop_size and (cfg.train_crop_size % DOWNSAMPLING or cfg.train_crop_size > cfg.tile_size):
         raise UserError(f"train_crop_size={cfg.train_crop_size} must be 0 or a multiple of {DOWNSAMPLING} "
                         f"no larger than tile_size={cfg.tile_size}")
-    if cfg.lr_schedule not in ("constant", "cosine"):
-        raise UserError(f"lr_schedule={cfg.lr_schedule!r}: use 'constant' or 'cosine'")
-    precision_mode(cfg.mixed_precision)
-    if not 0 <= cfg.val_fraction < 1:
-        raise UserError(f"val_fraction={cfg.val_fraction} must be in [0, 1)")
 
 
 def learning_rate(cfg, epoch):
@@ -209,7 +202,10 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
 def build_loaders(run, dataset, train_idx, val_idx):
     cfg, ddp = run.cfg, run.ddp
     run.model = ddp.wrap(run.raw_model, cfg.compile_model)
-    workers = worker_count(cfg.num_workers)
+    if run.start_epoch <= cfg.num_epochs:  # each process on this node holds its own copy
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+        dataset = tile_cache.maybe_cache(dataset, cfg.cache_tiles, world=local, say=run.say, progress=ddp.main)
+    workers = tile_cache.loader_workers(dataset, worker_count(cfg.num_workers))
     loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
                        persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
                        multiprocessing_context=runtime.loader_start_method() if workers else None)

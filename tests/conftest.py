@@ -19,7 +19,6 @@ torch.set_num_threads(1)
 def script_env():
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
-    env.pop("AE_CPU_NOTICE_SHOWN", None)  # set by in-process runs; a script should behave as when a user starts it
     return env
 
 

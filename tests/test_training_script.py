@@ -223,3 +223,14 @@ def test_training_piped_into_head_keeps_training(tiles, tmp_path):
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
     assert paths(tmp_path, "mse")["final"].is_file()
     assert [int(row["Epoch"]) for row in read_csv(paths(tmp_path, "mse")["csv"])[1]] == [1, 2]
+
+
+def test_tile_cache_gives_the_same_training(tiles, tmp_path, capsys):
+    """cache_tiles only changes where decoded tiles come from: the loss log is the same with and without it."""
+    histories = {}
+    for cache in ("true", "false"):
+        cfg = load_config(settings(tiles, tmp_path / cache, "mse", 2, f"--cache_tiles={cache}"))
+        histories[cache] = [row["Loss"] for row in training_engine.train(cfg, "mse")]
+        said = capsys.readouterr().out
+        assert ("Caching the decoded tiles in memory" in said) == (cache == "true"), said
+    assert histories["true"] == histories["false"] and len(histories["true"]) == 2
