@@ -205,12 +205,12 @@ def autocast_dtype(device, mode="auto", training=False):
             raise UserError("mixed_precision='fp16' needs a CUDA GPU; on the CPU use 'bf16', 'auto' or 'off'")
         return torch.float16
     if mode == "bf16":
-        if on_gpu and not torch.cuda.is_bf16_supported():
+        if on_gpu and not torch.cuda.is_bf16_supported(including_emulation=False):
             raise UserError(f"mixed_precision='bf16': {torch.cuda.get_device_name(device)} has no bf16; "
                             "use 'fp16', 'auto' or 'off'")
         return torch.bfloat16
     if on_gpu:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if training and device.type == "cpu" and cpu_has_native_bf16() else None
 
 

@@ -149,7 +149,7 @@ def test_script_help_exits_0_with_its_keys_only(run_script, tmp_path):
     ("--batch_size_train=0", "--batch_size_train=0: expected a whole number (int) of at least 1"),
     ("--num_epochs=-3", "--num_epochs=-3: expected a whole number (int) of at least 1"),
     ("--save_interval=0", "--save_interval=0: expected a whole number (int) of at least 1"),
-    ("--keep_checkpoints=0", "--keep_checkpoints=0: expected a whole number (int) of at least 1"),
+    ("--keep_checkpoints=-1", "--keep_checkpoints=-1: expected a whole number (int) of at least 0"),
     ("--num_workers=-1", "--num_workers=-1: expected a whole number (int) of at least 0"),
     ("--val_fraction=1", "--val_fraction=1: expected a finite number (float) of at least 0 and below 1"),
     ("--val_fraction=-0.1", "--val_fraction=-0.1: expected a finite number (float) of at least 0 and below 1"),
@@ -194,7 +194,7 @@ def test_bad_other_setting_is_one_line(script, arg, message):
     ("resume", None, "true or false (bool)"),
     ("lr_schedule", None, "one of 'constant', 'cosine'"),
     ("cache_tiles", 2, "'auto', true or false"),
-    ("keep_checkpoints", 0, "a whole number (int) of at least 1"),
+    ("keep_checkpoints", -1, "a whole number (int) of at least 0"),
 ])
 def test_bad_value_typed_into_config_is_one_line(monkeypatch, key, value, allowed):
     monkeypatch.setattr(Config, key, value)

@@ -19,7 +19,7 @@ from conftest import SAMPLE_TILES, tile_array
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda", 0)
-HAS_BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+HAS_BF16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def uint8_tiles(count, size=64, seed=0):
