@@ -137,7 +137,7 @@ def fill(dataset, images, workers, progress=True):
     loader = torch.utils.data.DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
                                          collate_fn=_stack_with_errors, worker_init_fn=ignore_interrupts)
     errors, start = {}, 0
-    with tqdm(total=len(dataset), desc="Caching tiles", unit="tile", dynamic_ncols=True,
+    with tqdm(total=len(dataset), desc="Caching tiles", leave=False, unit="tile", dynamic_ncols=True,
               disable=not progress) as bar:
         for stacked, batch_errors in start_batches(loader):
             readable = [start + offset for offset, error in enumerate(batch_errors) if error is None]

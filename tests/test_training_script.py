@@ -216,7 +216,7 @@ def test_training_piped_into_head_keeps_training(tiles, tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO / "Training_MSE.py"), *settings(tiles, tmp_path, "mse", 2)],
                                cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)
-    assert process.stdout.readline().startswith(b"Training on 7 tiles")
+    assert process.stdout.readline().startswith((b"Caching the decoded tiles", b"Training on 7 tiles"))
     process.stdout.close()
     stderr = process.stderr.read().decode(errors="replace")
     assert process.wait(timeout=300) == 0, stderr
