@@ -4,6 +4,8 @@ SSIM is the standard Gaussian-windowed SSIM of Wang et al. (2004): 11 x 11 windo
 K1 = 0.01, K2 = 0.03, data range 1, averaged over pixels and channels. The training loss uses the
 same function, so "SSIM" means one thing everywhere in this project.
 """
+import functools
+
 import torch
 from pytorch_msssim import ssim as _ssim
 
@@ -12,10 +14,18 @@ SSIM_SIGMA = 1.5
 MAX_PSNR_DB = 100.0  # PSNR of a perfect reconstruction (MSE 0) is reported as this, not infinity
 
 
+@functools.lru_cache(maxsize=8)
+def _window(device, channels):
+    """pytorch_msssim's Gaussian window (channels x 1 x 1 x SSIM_WINDOW), made once per device: left to
+    the library, it is built on the CPU and copied to the GPU on every call, a wait inside each training step."""
+    offsets = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+    window = torch.exp(-offsets ** 2 / (2 * SSIM_SIGMA ** 2))
+    return (window / window.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(device)
+
+
 def ssim(x, y, reduce=True):
     """Windowed SSIM of two N x 3 x H x W batches in [0, 1]: a scalar, or one value per image."""
-    return _ssim(x.float(), y.float(), data_range=1.0, size_average=reduce,
-                 win_size=SSIM_WINDOW, win_sigma=SSIM_SIGMA)
+    return _ssim(x.float(), y.float(), data_range=1.0, size_average=reduce, win=_window(x.device, x.shape[1]))
 
 
 def mse(x, y):

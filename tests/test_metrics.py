@@ -140,3 +140,14 @@ def test_mse_loss_is_mean_squared_error(originals):
     y = to_batch([noised(o) for o in originals[:3]])
     expected = np.mean((y.double().numpy() - x.double().numpy()) ** 2)
     assert metrics.LOSSES["mse"](y, x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ssim_window_made_once_per_device_and_equal_to_the_library_default():
+    """metrics.ssim passes its own window so that a GPU step never copies one from the host; the values stay
+    exactly those of pytorch_msssim's own window."""
+    from pytorch_msssim import ssim as library_ssim
+    x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    y = (x + 0.05 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    assert torch.equal(metrics.ssim(x, y, reduce=False),
+                       library_ssim(x, y, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5))
+    assert metrics._window(x.device, 3) is metrics._window(x.device, 3)
