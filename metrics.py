@@ -18,9 +18,10 @@ MAX_PSNR_DB = 100.0  # PSNR of a perfect reconstruction (MSE 0) is reported as t
 def _window(device, channels):
     """pytorch_msssim's Gaussian window (channels x 1 x 1 x SSIM_WINDOW), made once per device: left to
     the library, it is built on the CPU and copied to the GPU on every call, a wait inside each training step."""
-    offsets = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
-    window = torch.exp(-offsets ** 2 / (2 * SSIM_SIGMA ** 2))
-    return (window / window.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(device)
+    with torch.inference_mode(False):  # first made during evaluation, it must still serve a training loss
+        offsets = torch.arange(SSIM_WINDOW, dtype=torch.float32) - SSIM_WINDOW // 2
+        window = torch.exp(-offsets ** 2 / (2 * SSIM_SIGMA ** 2))
+        return (window / window.sum()).view(1, 1, 1, -1).repeat(channels, 1, 1, 1).to(device)
 
 
 def ssim(x, y, reduce=True):

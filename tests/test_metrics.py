@@ -151,3 +151,15 @@ def test_ssim_window_made_once_per_device_and_equal_to_the_library_default():
     assert torch.equal(metrics.ssim(x, y, reduce=False),
                        library_ssim(x, y, data_range=1.0, size_average=False, win_size=11, win_sigma=1.5))
     assert metrics._window(x.device, 3) is metrics._window(x.device, 3)
+
+
+def test_ssim_loss_trains_after_ssim_was_first_computed_for_inference():
+    """Validation computes SSIM under inference_mode before training steps do; the cached window must not
+    be an inference tensor, which backward refuses."""
+    metrics._window.cache_clear()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        metrics.ssim(x, x)
+    y = x.clone().requires_grad_(True)
+    metrics.LOSSES["ssim"](y * 0.9, x).backward()
+    assert torch.isfinite(y.grad).all()
