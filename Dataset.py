@@ -170,16 +170,9 @@ class ImageFolder(torch.utils.data.Dataset):
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def ignore_interrupts(worker_id=None):
-    """worker_init_fn of every DataLoader: Ctrl-C reaches the whole process group, and a scheduler's SIGTERM
-    may too; only the main process handles them (it stops the workers), so no worker prints a traceback."""
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def start_batches(loader):
     """iter(loader), with its worker processes started while Ctrl-C and SIGTERM wait: a worker that got one
-    before its worker_init_fn (ignore_interrupts) ran would die with a traceback. A signal that came
+    before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback. A signal that came
     meanwhile is delivered to this process as soon as the workers run."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)

@@ -6,7 +6,8 @@ import torch
 
 import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
-from Dataset import ImageFolder, collate, ignore_interrupts
+import runtime
+from Dataset import ImageFolder, collate
 from cli import UserError
 from runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
 from metrics import per_image
@@ -41,7 +42,7 @@ def setup(cfg, folder, model_path, batch_size=None, exclude=()):
     workers = worker_count(cfg.num_workers)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size_test,
                                          num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                                         worker_init_fn=ignore_interrupts if workers else None)
+                                         worker_init_fn=runtime.ignore_interrupts if workers else None)
     return types.SimpleNamespace(dataset=dataset, device=device, amp_dtype=amp_dtype, model=model, loader=loader)
 
 

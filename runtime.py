@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from multiprocessing.connection import wait
 
@@ -162,6 +163,14 @@ def ignore_interrupts(worker_id=None):
     for signum in _INTERRUPTS:
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+    threading.excepthook = _quiet_once_main_is_gone
+
+
+def _quiet_once_main_is_gone(args):
+    """A worker's fd-passing thread loses its connection when the interrupted main process stops mid-batch:
+    not worth a traceback on the user's terminal."""
+    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+        threading.__excepthook__(args)
 
 
 def stop_loader_workers(*loaders):

@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 
 from runtime import cpu_count
-from Dataset import ignore_interrupts, start_batches
+import runtime
+from Dataset import start_batches
 
 DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache
 NO_LIMIT = 2 ** 60  # cgroup v1 writes "no limit" as a number near 2**63
@@ -135,7 +136,7 @@ def _stack_with_errors(items):
 def fill(dataset, images, workers, progress=True):
     """Decode every item of dataset into images (N x 3 x H x W uint8) -> {index: error} of unreadable files."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
-                                         collate_fn=_stack_with_errors, worker_init_fn=ignore_interrupts)
+                                         collate_fn=_stack_with_errors, worker_init_fn=runtime.ignore_interrupts)
     errors, start = {}, 0
     with tqdm(total=len(dataset), desc="Caching tiles", leave=False, unit="tile", dynamic_ncols=True,
               disable=not progress) as bar:

@@ -62,3 +62,13 @@ def sample_tiles():
     paths = sorted(SAMPLE_TILES.glob("*.png"))
     assert len(paths) == 16, f"expected the 16 sample tiles in {SAMPLE_TILES}"
     return [(path, np.asarray(Image.open(path).convert("RGB"))) for path in paths]
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory):
+    """A freshly initialised AutoEncoder's state dict saved as a .pth file (seed 0)."""
+    from Auto_encoder import AutoEncoder
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pth"
+    torch.save(AutoEncoder().state_dict(), path)
+    return path

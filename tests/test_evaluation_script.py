@@ -81,12 +81,9 @@ def assert_succeeded(result):
     assert "Traceback" not in result.stderr
 
 
-@pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "fresh.pth"
-    torch.save(AutoEncoder().state_dict(), path)
-    return path
+@pytest.fixture
+def model_path(model_file):
+    return model_file
 
 
 @pytest.fixture

@@ -16,12 +16,10 @@ import numpy as np
 import openpyxl
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 import Extract_Features
 import evaluation_engine
-from Auto_encoder import AutoEncoder
 from cli import UserError, load_config
 from conftest import REPO, script_env, tile_array
 
@@ -51,14 +49,6 @@ def eval_args(folder, model, out, workers=0):
 
 def warnings_of(stdout):
     return [line for line in stdout.splitlines() if line.startswith("warning: skipped ")]
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pth"
-    torch.save(AutoEncoder().state_dict(), path)
-    return path
 
 
 def png_of(seed, size=TILE):

@@ -17,19 +17,10 @@ import checkpoint_io
 import evaluation_engine
 import outputs
 import report
-from Auto_encoder import AutoEncoder
 from cli import UserError, load_config
 from conftest import REPO, script_env, tile_array
 
 TILE = 32
-
-
-@pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "model.pth"
-    torch.save(AutoEncoder().state_dict(), path)
-    return path
 
 
 @pytest.fixture
