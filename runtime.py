@@ -164,13 +164,26 @@ def ignore_interrupts(worker_id=None):
         signal.signal(signum, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
     threading.excepthook = _quiet_once_main_is_gone
+    sys.excepthook = _quiet_thread_excepthook(sys.excepthook)
+
+
+def _main_is_gone(exc_type):
+    return issubclass(exc_type, (ConnectionError, EOFError))
 
 
 def _quiet_once_main_is_gone(args):
     """A worker's fd-passing thread loses its connection when the interrupted main process stops mid-batch:
     not worth a traceback on the user's terminal."""
-    if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+    if not _main_is_gone(args.exc_type):
         threading.__excepthook__(args)
+
+
+def _quiet_thread_excepthook(hook):
+    """The same for multiprocessing's resource sharer, whose serving thread reports through sys.excepthook."""
+    def excepthook(exc_type, value, traceback):
+        if threading.current_thread() is threading.main_thread() or not _main_is_gone(exc_type):
+            hook(exc_type, value, traceback)
+    return excepthook
 
 
 def stop_loader_workers(*loaders):

@@ -160,3 +160,36 @@ def test_gpu_check_script_parses():
     """tools/gpu_check.sh runs where a GPU is; here its syntax is checked."""
     result = subprocess.run(["bash", "-n", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+WORKER_THREADS_AFTER_MAIN_LEFT = """
+import sys, threading
+import runtime
+runtime.ignore_interrupts(0)
+def report_as_the_resource_sharer_does(error):
+    try:
+        raise error
+    except BaseException:
+        sys.excepthook(*sys.exc_info())  # multiprocessing.resource_sharer's serving thread does this
+def fail(error):
+    raise error
+for target in (report_as_the_resource_sharer_does, fail):
+    thread = threading.Thread(target=target, args=(BrokenPipeError(32, "Broken pipe"),))
+    thread.start()
+    thread.join()
+thread = threading.Thread(target=fail, args=(ValueError("a real bug"),))
+thread.start()
+thread.join()
+raise ValueError("a real bug in the main thread")
+"""
+
+
+def test_a_loader_worker_stays_quiet_when_the_main_process_has_gone(tmp_path):
+    """Interrupted mid-batch, the main process leaves while a worker's thread still passes it a tensor's
+    file descriptor: that broken pipe is no traceback for the user, whichever hook reports it. Other errors
+    still are."""
+    result = subprocess.run([sys.executable, "-c", WORKER_THREADS_AFTER_MAIN_LEFT], cwd=REPO, env=script_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "BrokenPipeError" not in result.stderr, result.stderr
+    assert result.stderr.count("ValueError: a real bug") == 2, result.stderr
