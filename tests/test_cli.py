@@ -262,7 +262,8 @@ def test_scripts_check_settings_before_work(run_script, tmp_path, script, args, 
 
 def run_python(code, **kwargs):
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=script_env(), stdin=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, **kwargs)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def raising(error):

@@ -29,8 +29,10 @@ SPARSE_BYTES = 30 << 30  # 30 GB that take no disk space
 
 def limit_memory():
     """Run in the child before it starts: a script that tried to read a huge file or /dev/zero whole gets a
-    MemoryError instead of exhausting a shared machine."""
+    MemoryError instead of exhausting a shared machine. SIGINT is restored to its default, as in a terminal,
+    even when the test runner was started with it ignored (in the background, under nohup)."""
     resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(script, *args, cwd, env=(), timeout=180):
