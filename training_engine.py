@@ -186,7 +186,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     run = types.SimpleNamespace(
         cfg=cfg, loss_name=loss_name, paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
         raw_model=raw_model, amp_dtype=amp_dtype, loss_fn=LOSSES[loss_name],
-        optimizer=torch.optim.Adam(raw_model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        optimizer=training_state.adam(raw_model, device, cfg.learning_rate, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)

@@ -8,6 +8,7 @@ import torch
 import Extract_Features
 import evaluation_engine
 import training_engine
+import training_state
 from Auto_encoder import AutoEncoder, for_inference
 from Dataset import load_image
 from benchmarks import reference
@@ -30,7 +31,7 @@ class Trainer:
         self.model = AutoEncoder()
         self.model.load_state_dict(state)
         self.model.to(device, memory_format=torch.channels_last).train()
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=reference.WEIGHT_DECAY)
+        self.optimizer = training_state.adam(self.model, device, lr, reference.WEIGHT_DECAY)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
         self.device, self.amp_dtype = device, amp_dtype

@@ -1,5 +1,6 @@
 """training_state.py: what a resume accepts and refuses, the loss log after a spreadsheet, starting over,
 old checkpoints pruned, precision changed between runs."""
+import copy
 import csv
 import os
 import shutil
@@ -268,3 +269,31 @@ def test_checkpoints_carry_settings_and_history(finished):
     state = checkpoint_io.load(finished / "checkpoints" / CHECKPOINT.format(2))
     assert state["settings"]["loss"] == "mse" and state["settings"]["tile_size"] == 32
     assert [row["Epoch"] for row in state["history"]] == [1, 2]
+
+
+def adam_steps(model, optimizer, steps, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for param in model.parameters():
+            param.grad = torch.randn(param.shape, generator=generator)
+        optimizer.step()
+
+
+def test_training_adam_is_fused_and_takes_over_a_plain_adams_state():
+    """Checkpoints written by the one-tensor-at-a-time Adam resume in the fused one, which stays fused and
+    continues as the plain one would have."""
+    torch.manual_seed(0)
+    plain_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    fused_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    plain = torch.optim.Adam(plain_model.parameters(), lr=1e-2, weight_decay=1e-5)
+    adam_steps(plain_model, plain, 3, seed=1)
+    fused_model.load_state_dict(plain_model.state_dict())
+    fused = training_state.adam(fused_model, torch.device("cpu"), lr=5e-1, weight_decay=0.0)
+    assert all(group["fused"] for group in fused.param_groups)
+    training_state.load_optimizer_state(fused, copy.deepcopy(plain.state_dict()))  # as read from a file
+    assert all(group["fused"] and group["lr"] == 1e-2 for group in fused.param_groups)
+    adam_steps(plain_model, plain, 2, seed=2)
+    adam_steps(fused_model, fused, 2, seed=2)
+    for mine, theirs in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert float(fused.state[next(fused_model.parameters())]["step"]) == 5
