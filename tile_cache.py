@@ -1,8 +1,10 @@
 """Decoded training tiles kept in memory (Config.cache_tiles), so that epochs after the first read no file.
 
-Every tile is decoded once, by loader workers, into one uint8 N x 3 x H x W tensor; the cached dataset then
-returns the same items as Dataset.ImageFolder (same tensors, paths and unreadable-file errors), so batches
-are identical with and without the cache.
+Every tile is decoded once, into one uint8 N x 3 x H x W tensor: training keeps the tiles of its first
+epoch as the loader workers deliver them (TileCache.record), and decodes the few it did not see (the
+last incomplete batch; other processes' shares) before the second. The cached dataset then returns the
+same items as Dataset.ImageFolder (same tensors, paths and unreadable-file errors), so batches are
+identical with and without the cache.
 
 The cache lives in ordinary host memory, not pinned memory: Dataset.collate copies each batch out of it
 into a fresh tensor, and only that tensor (pinned by the DataLoader) travels to the GPU, so pinning the
@@ -133,21 +135,61 @@ def _stack_with_errors(items):
     return stacked, [item["error"] if item["image"] is None else None for item in items]
 
 
-def fill(dataset, images, workers, progress=True):
-    """Decode every item of dataset into images (N x 3 x H x W uint8) -> {index: error} of unreadable files."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=DECODE_BATCH, num_workers=workers,
-                                         collate_fn=_stack_with_errors, worker_init_fn=runtime.ignore_interrupts)
+def fill(dataset, images, workers, progress=True, indices=None):
+    """Decode the items of dataset at indices (default all) into those rows of images (N x 3 x H x W uint8)
+    -> {index: error} of unreadable files."""
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=DECODE_BATCH,
+                                         num_workers=workers, collate_fn=_stack_with_errors,
+                                         worker_init_fn=runtime.ignore_interrupts)
     errors, start = {}, 0
-    with tqdm(total=len(dataset), desc="Caching tiles", leave=False, unit="tile", dynamic_ncols=True,
+    with tqdm(total=len(indices), desc="Caching tiles", leave=False, unit="tile", dynamic_ncols=True,
               disable=not progress) as bar:
         for stacked, batch_errors in start_batches(loader):
-            readable = [start + offset for offset, error in enumerate(batch_errors) if error is None]
-            errors.update((start + offset, error) for offset, error in enumerate(batch_errors) if error is not None)
+            rows = indices[start:start + len(batch_errors)]
+            readable = [row for row, error in zip(rows, batch_errors) if error is None]
+            errors.update((row, error) for row, error in zip(rows, batch_errors) if error is not None)
             if readable:
                 images[readable] = stacked
             start += len(batch_errors)
             bar.update(len(batch_errors))
     return errors
+
+
+class TileCache:
+    """The memory for every decoded tile of a dataset, filled as training first reads them (record) and
+    completed when the tiles not read yet are decoded (dataset): the first epoch reads its files with the
+    loader workers while the network trains, instead of waiting for all of them to be decoded first."""
+
+    def __init__(self, source, images):
+        self.source, self.images, self.errors = source, images, {}
+        self.rows = {path: row for row, path in enumerate(source.paths)}
+        self.kept = torch.zeros(len(source), dtype=torch.bool)
+
+    @property
+    def recorded(self):
+        return bool(self.kept.any())
+
+    def record(self, batches):
+        """The batches ((images, paths, skipped) of Dataset.collate) of a loader over the source, passed on
+        after their tiles (and unreadable files' errors) are kept."""
+        for images, paths, skipped in batches:
+            rows = [self.rows[path] for path in paths]
+            if rows:
+                self.images[rows] = images
+                self.kept[rows] = True
+            for path, error in skipped:
+                self.errors[self.rows[path]] = error
+                self.kept[self.rows[path]] = True
+            yield images, paths, skipped
+
+    def dataset(self, workers, progress=True):
+        """The cached dataset, once the tiles not recorded are decoded by workers processes."""
+        missing = (~self.kept).nonzero().flatten().tolist()
+        if missing:
+            self.errors.update(fill(self.source, self.images, workers if workers > 1 else 0, progress, missing))
+            self.kept[missing] = True
+        return CachedTiles(self.source, self.images, self.errors)
 
 
 def _size(nbytes):
@@ -175,16 +217,15 @@ def _decision(setting, need, available, processes):
                    f"{_size(available)} of memory available (cache_tiles=auto).")
 
 
-def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=True):
-    """dataset (a Dataset.ImageFolder) with every tile decoded into memory when Config.cache_tiles
-    (setting: "auto", True or False) says so and it fits, else dataset itself. world: processes on this
-    node that each hold their own copy. workers: decoding processes (default: this process's share of
-    the CPUs). Says one line (through say) of what it chose."""
+def start_cache(dataset, setting, world=1, say=print):
+    """A TileCache for dataset (a Dataset.ImageFolder) when Config.cache_tiles (setting: "auto", True or
+    False) says so and it fits, else None. world: processes on this node that each hold their own copy.
+    Says one line (through say) of what it chose."""
     need = tile_bytes(len(dataset), dataset.tile_size) * world
     cache, line = _decision(setting, need, None if setting is False else available_memory(), world)
     if not cache:
         say(line)
-        return dataset
+        return None
     shape = (len(dataset), 3, dataset.tile_size, dataset.tile_size)
     try:
         images = torch.empty(shape, dtype=torch.uint8)
@@ -192,12 +233,18 @@ def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=Tru
         say(f"cache_tiles={setting}, but {_size(need // world)} for the decoded tiles could not be allocated "
             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}): "
             "reading tiles from disk every epoch instead.")
-        return dataset
+        return None
     say(line)
-    if workers is None:
-        workers = cpu_count() // world
-    errors = fill(dataset, images, workers if workers > 1 else 0, progress)
-    return CachedTiles(dataset, images, errors)
+    return TileCache(dataset, images)
+
+
+def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=True):
+    """dataset with every tile decoded into memory now (a CachedTiles) when start_cache gives a cache, else
+    dataset itself. workers: decoding processes (default: this process's share of the CPUs)."""
+    cache = start_cache(dataset, setting, world, say)
+    if cache is None:
+        return dataset
+    return cache.dataset(cpu_count() // world if workers is None else workers, progress)
 
 
 def loader_workers(dataset, requested):

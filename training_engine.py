@@ -75,15 +75,16 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 @torch.no_grad()
-def validation_metrics(model, loader, device, ddp, amp_dtype):
+def validation_metrics(run, loader):
     """Mean MSE, PSNR and SSIM of the validation tiles (whole tiles, no augmentation), over all ranks."""
+    model, device, ddp = run.raw_model, run.device, run.ddp
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with runtime.interrupts_blocked():
-        batches = iter(loader)
+        batches = kept(run, iter(loader))
     for images, _, _ in batches:
         if len(images):
-            _, _, metrics = reconstruct(model, images, device, amp_dtype)
+            _, _, metrics = reconstruct(model, images, device, run.amp_dtype)
             sums += torch.stack([metrics["MSE"].sum(), metrics["PSNR"].sum(), metrics["SSIM"].sum(),
                                  torch.tensor(float(len(images)), device=device)]).double()
     ddp.sum(sums)
@@ -200,23 +201,45 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
 
 
 def build_loaders(run, dataset, train_idx, val_idx):
+    """The model as trained (DDP, compile), the epoch sampler and the loaders reading the files; with
+    cache_tiles, the cache the first epoch fills (read_from_cache)."""
     cfg, ddp = run.cfg, run.ddp
     run.model = ddp.wrap(run.raw_model, cfg.compile_model)
+    run.cache, run.train_idx, run.val_idx = None, train_idx, val_idx[ddp.rank::ddp.world]
     if run.start_epoch <= cfg.num_epochs:  # each process on this node holds its own copy
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
-        dataset = tile_cache.maybe_cache(dataset, cfg.cache_tiles, world=local, say=run.say, progress=ddp.main)
-    workers = tile_cache.loader_workers(dataset, worker_count(cfg.num_workers))
+        run.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+        run.cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=run.local_world, say=run.say)
+    run.sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world,
+                               run.batch_size)
+    make_loaders(run, dataset)
+
+
+def make_loaders(run, dataset):
+    workers = tile_cache.loader_workers(dataset, worker_count(run.cfg.num_workers))
     loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
                        persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
                        multiprocessing_context=runtime.loader_start_method() if workers else None)
-    training_tiles = torch.utils.data.Subset(dataset, train_idx)
-    run.sampler = EpochSampler(training_tiles, cfg.seed, ddp.rank, ddp.world, run.batch_size)
-    run.loader = torch.utils.data.DataLoader(training_tiles, batch_size=run.batch_size, sampler=run.sampler,
-                                             drop_last=run.sampler.num_samples > run.batch_size, **loader_args)
+    run.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, run.train_idx), batch_size=run.batch_size,
+                                             sampler=run.sampler, drop_last=run.sampler.num_samples > run.batch_size,
+                                             **loader_args)
     run.val_loader = None
-    if val_idx:
-        run.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, val_idx[ddp.rank::ddp.world]),
+    if run.val_idx:
+        run.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, run.val_idx),
                                                      batch_size=run.batch_size, **loader_args)
+
+
+def read_from_cache(run):
+    """Once this process has trained an epoch on files, keeping each tile: the loaders read the cache from
+    now on, its workers stop, and the tiles that epoch did not read are decoded first."""
+    runtime.stop_loader_workers(run.loader, run.val_loader)
+    dataset = run.cache.dataset(worker_count(run.cfg.num_workers), progress=run.ddp.main)
+    run.cache = None
+    make_loaders(run, dataset)
+
+
+def kept(run, batches):
+    """batches, their tiles kept in the cache while it is being filled."""
+    return batches if run.cache is None else run.cache.record(batches)
 
 
 def train_one_epoch(run, epoch):
@@ -229,6 +252,8 @@ def train_one_epoch(run, epoch):
         aug_gen.set_state(part.aug_state)
         loss, step, seconds_before, run.partial = EpochLoss(device, part.loss_sum, part.loss_count), part.step, \
             part.seconds, None
+    if run.cache is not None and run.cache.recorded:
+        read_from_cache(run)
     run.sampler.set_epoch(epoch, step)
     lr = learning_rate(cfg, epoch)
     for group in run.optimizer.param_groups:
@@ -236,7 +261,7 @@ def train_one_epoch(run, epoch):
     run.model.train()
     started = time.time()
     with runtime.interrupts_blocked():
-        batches = iter(run.loader)
+        batches = kept(run, iter(run.loader))
     bar = tqdm(batches, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not ddp.main, initial=step, total=step + len(run.loader))
     try:
@@ -280,7 +305,7 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
                         "check the folder holds image tiles")
     average = (sums[0] / sums[1]).item()
     check_weights(run, epoch)
-    val = validation_metrics(run.raw_model, run.val_loader, run.device, ddp, run.amp_dtype) if run.val_loader else None
+    val = validation_metrics(run, run.val_loader) if run.val_loader else None
     val_note = f", Validation MSE {val['MSE']:.6f} PSNR {val['PSNR']:.2f} dB SSIM {val['SSIM']:.4f}" if val else ""
     run.say(f"Epoch {epoch}/{cfg.num_epochs}, Average Loss: {average:.6f}{val_note}")
     run.history.append({"Epoch": epoch, "Loss": f"{average:.6f}", "Learning_Rate": f"{lr:.4g}",

@@ -188,3 +188,26 @@ def test_a_scheduler_memory_limit_bounds_the_available_memory(tmp_path, monkeypa
 def test_the_available_memory_is_read_on_this_machine():
     available = tile_cache.available_memory()
     assert available is None or 0 < available < 1 << 50
+
+
+def test_tiles_kept_as_read_then_the_rest_decoded(folder, reads):
+    """Training's way: an epoch read from the files (its incomplete last batch dropped) fills the cache as it
+    goes; completing it decodes only the files that epoch did not read; later epochs are the same."""
+    dataset = ImageFolder(folder, TILE)
+    cache = tile_cache.start_cache(dataset, True, say=lambda line: None)
+    assert not cache.recorded
+    sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=5, sampler=sampler, collate_fn=collate, drop_last=True)
+    first = list(cache.record(iter(loader)))
+    read_first = list(reads)  # the dropped batch is never read
+    assert len(first) == COUNT // 5 and len(read_first) == 5 * (COUNT // 5) and cache.recorded
+    kept = {path for _, paths, skipped in first for path in paths + [path for path, _ in skipped]}
+    reads.clear()
+    cached = cache.dataset(workers=0)
+    assert sorted(reads) == sorted(set(dataset.paths) - kept) and len(reads) == COUNT - 5 * (COUNT // 5)
+    reads.clear()
+    for epoch in (2, 3):
+        for (images, paths, skipped), (cached_images, cached_paths, cached_skipped) in zip(
+                batches(dataset, epoch), batches(cached, epoch)):
+            assert torch.equal(images, cached_images) and paths == cached_paths and skipped == cached_skipped
+    assert len(reads) == 2 * COUNT  # only the plain dataset read files

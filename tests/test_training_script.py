@@ -225,12 +225,21 @@ def test_training_piped_into_head_keeps_training(tiles, tmp_path):
     assert [int(row["Epoch"]) for row in read_csv(paths(tmp_path, "mse")["csv"])[1]] == [1, 2]
 
 
-def test_tile_cache_gives_the_same_training(tiles, tmp_path, capsys):
-    """cache_tiles only changes where decoded tiles come from: the loss log is the same with and without it."""
-    histories = {}
+def test_tile_cache_gives_the_same_training(tiles, tmp_path, capsys, monkeypatch):
+    """cache_tiles only changes where decoded tiles come from: the loss log is the same with and without it,
+    and with it every file is decoded once: the first epoch's tiles as it reads them, the rest (here the
+    tiles of the incomplete last batch) before the second epoch."""
+    import Dataset
+    reads, real = [], Dataset.load_image
+    monkeypatch.setattr(Dataset, "load_image", lambda path, size: (reads.append(path), real(path, size))[1])
+    histories, counts = {}, {}
     for cache in ("true", "false"):
-        cfg = load_config(settings(tiles, tmp_path / cache, "mse", 2, f"--cache_tiles={cache}"))
+        reads.clear()
+        cfg = load_config(settings(tiles, tmp_path / cache, "mse", 3, f"--cache_tiles={cache}"))
         histories[cache] = [row["Loss"] for row in training_engine.train(cfg, "mse")]
+        counts[cache] = {path: reads.count(path) for path in set(reads)}
         said = capsys.readouterr().out
         assert ("Caching the decoded tiles in memory" in said) == (cache == "true"), said
-    assert histories["true"] == histories["false"] and len(histories["true"]) == 2
+    assert histories["true"] == histories["false"] and len(histories["true"]) == 3
+    assert len(counts["true"]) == len(TILE_NAMES) and set(counts["true"].values()) == {1}
+    assert max(counts["false"].values()) == 3  # without the cache the files are read every epoch
