@@ -6,18 +6,20 @@ rounded to 8 bits for the PNG.
 """
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import inference
+import runtime
 from Dataset import SkipLog, start_batches
 from cli import UserError, run_main
 from inference import reconstruct
 from outputs import check_target, check_writable, printable
-from report import METRIC_NAMES, comparison_names, save_comparison, write_workbook
+from report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
 from runtime import cpu_count, precision_name
 
 
@@ -48,6 +50,30 @@ def check_finite(metrics, paths, model_path):
                         "(or try --mixed_precision=off)")
 
 
+def comparison_writers(device, loader_workers):
+    """The pool that draws and encodes the comparison PNGs, and how many parts each batch is split into.
+    Beside a forward pass on the CPU: threads (numpy and zlib release the GIL, and processes would take the
+    network's cores). Beside a GPU: processes, one per CPU the loader workers leave, because drawing a
+    comparison image holds the GIL (about 1 ms of the 6 ms a tile takes), which caps threads near 1,000
+    tiles/s. Each pool task writes one part of a batch."""
+    if device.type == "cpu":
+        size = max(2, min(8, cpu_count()))
+        return ThreadPoolExecutor(max_workers=size), size
+    size = max(1, cpu_count() - loader_workers - 1)
+    return ProcessPoolExecutor(max_workers=size, initializer=runtime.ignore_interrupts,
+                               mp_context=multiprocessing.get_context(runtime.loader_start_method())), size
+
+
+def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
+    """The batch's comparison PNGs, split into parts pool tasks; returns their futures. Interrupts wait while
+    a process pool starts its processes (on the first batch), as for loader workers."""
+    originals, recons = images.numpy(), recon_u8.numpy()
+    with runtime.interrupts_blocked():
+        return [pool.submit(save_comparisons, originals[part], recons[part], [rows[i] for i in part],
+                            [labels[i] for i in part], [out_paths[i] for i in part])
+                for part in map(list, np.array_split(np.arange(len(rows)), min(parts, len(rows))))]
+
+
 def evaluate(cfg, loss_name):
     """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows."""
     model_path, folder = getattr(cfg, f"model_path_{loss_name}"), cfg.folder_path_test
@@ -65,27 +91,28 @@ def evaluate(cfg, loss_name):
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
     bar = tqdm(start_batches(run.loader), total=len(run.loader), desc="Evaluating", unit="batch",
                dynamic_ncols=True, leave=False)
-    # A batch's PNGs are written by threads (numpy and zlib release the GIL) while the next batch is read,
-    # and are finished before that batch goes through the model: on a CPU, work beside the forward pass
-    # stalls its threads (measured: the forward slowed by about three times the work added), and on a GPU
-    # it keeps the images waiting for their PNG to one batch instead of the whole folder.
-    with ThreadPoolExecutor(max_workers=max(2, min(8, cpu_count()))) as pool:
+    # A batch's PNGs are written by a pool (comparison_writers) while the next batch is read, and are finished
+    # before that batch goes through the model: on a CPU, work beside the forward pass stalls its threads
+    # (measured: the forward slowed by about three times the work added), and on a GPU it keeps the images
+    # waiting for their PNG to one batch instead of the whole folder.
+    pool, parts = comparison_writers(run.device, run.loader.num_workers)
+    with pool:
         for images, paths, skipped in bar:
             skips.add(skipped)
             if not paths:
                 continue
             for future in pending:
                 future.result()
-            pending = []
             _, recon, metrics = reconstruct(run.model, images, run.device, run.amp_dtype)
             recon_u8 = recon.mul(255).round_().to(torch.uint8).cpu()
             values = {name: metrics[name].cpu().tolist() for name in METRIC_NAMES}
             check_finite(values, paths, model_path)
-            for i, path in enumerate(paths):
-                row = {"Image Path": path, **{name: values[name][i] for name in METRIC_NAMES}}
-                rows.append(row)
-                pending.append(pool.submit(save_comparison, images[i], recon_u8[i], row,
-                                           os.path.relpath(path, folder), out_paths[path]))
+            batch_rows = [{"Image Path": path, **{name: values[name][i] for name in METRIC_NAMES}}
+                          for i, path in enumerate(paths)]
+            rows += batch_rows
+            pending = submit_comparisons(pool, parts, images, recon_u8, batch_rows,
+                                         [os.path.relpath(path, folder) for path in paths],
+                                         [out_paths[path] for path in paths])
         for future in pending:
             future.result()
     if not rows:

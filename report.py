@@ -81,7 +81,8 @@ def _template(side):
 
 
 def comparison_image(original, reconstruction, metrics, label):
-    """Original | reconstruction side by side, metrics in the title, the file name below (PIL Image)."""
+    """Original | reconstruction side by side, metrics in the title, the file name below (PIL Image).
+    original, reconstruction: uint8 3 x H x W tensors or arrays."""
     side = original.shape[-1]
     template, left = _template(side)
     canvas = template.copy()
@@ -91,7 +92,7 @@ def comparison_image(original, reconstruction, metrics, label):
     font, small = _font(15), _font(12)
     draw.text((width / 2, 4), _fit(draw, title, font, width - 2 * _PAD), fill="black", font=font, anchor="ma")
     for i, tile in enumerate((original, reconstruction)):
-        canvas.paste(Image.fromarray(tile.permute(1, 2, 0).numpy()), (left + i * (side + _PAD), _TITLE_H))
+        canvas.paste(Image.fromarray(np.asarray(tile).transpose(1, 2, 0)), (left + i * (side + _PAD), _TITLE_H))
     draw.text((width / 2, _TITLE_H + side + 6), _fit(draw, label, small, width - 2 * _PAD),
               fill="black", font=small, anchor="ma")
     return canvas
@@ -100,6 +101,13 @@ def comparison_image(original, reconstruction, metrics, label):
 def save_comparison(original, reconstruction, metrics, label, out_path):
     """Write the comparison image of one tile to out_path (its folders are created)."""
     write_png(out_path, np.asarray(comparison_image(original, reconstruction, metrics, printable(label))))
+
+
+def save_comparisons(originals, reconstructions, rows, labels, out_paths):
+    """save_comparison for each tile of a part of a batch (uint8 N x 3 x H x W arrays): one task of a
+    thread or process pool."""
+    for job in zip(originals, reconstructions, rows, labels, out_paths):
+        save_comparison(*job)
 
 
 def _text_cell(cell, value):

@@ -117,7 +117,7 @@ def test_evaluation_killed_leaves_no_corrupt_workbook(tmp_path):
 
     # Killed half-way, after the first comparison PNG: no workbook is started yet.
     (out / "metrics.xlsx").unlink()
-    half = run_killed(tmp_path, "evaluation_engine", "save_comparison",
+    half = run_killed(tmp_path, "report", "save_comparison",
                       "original(*args, **kwargs)\n    os.kill(os.getpid(), signal.SIGKILL)",
                       "Evaluation_MSE.py", *args)
     assert half.returncode == -signal.SIGKILL

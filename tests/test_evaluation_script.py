@@ -311,7 +311,7 @@ def test_each_batch_pngs_are_written_before_the_next_forward_pass(workdir, model
     """At most one batch of images waits for its PNG: memory stays flat however many tiles there are (on a
     GPU the network outruns PNG writing), and on a CPU the writing never runs beside the network."""
     written, seen_by_forward = [], []
-    save, reconstruct = evaluation_engine.save_comparison, evaluation_engine.reconstruct
+    save, reconstruct = report.save_comparison, evaluation_engine.reconstruct
 
     def slow_save(*args):
         time.sleep(0.05)
@@ -322,7 +322,7 @@ def test_each_batch_pngs_are_written_before_the_next_forward_pass(workdir, model
         seen_by_forward.append(len(written))
         return reconstruct(*args)
 
-    monkeypatch.setattr(evaluation_engine, "save_comparison", slow_save)
+    monkeypatch.setattr(report, "save_comparison", slow_save)
     monkeypatch.setattr(evaluation_engine, "reconstruct", recording)
     monkeypatch.chdir(workdir)
     rows = evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "out", 2)), "mse")
@@ -331,3 +331,32 @@ def test_each_batch_pngs_are_written_before_the_next_forward_pass(workdir, model
                                  for i in range(0, len(files), 2)) if size]
     assert seen_by_forward == [sum(batches[:k]) for k in range(len(batches))]
     assert len(written) == len(rows) == sum(batches)
+
+
+def test_comparison_pngs_from_processes_are_those_from_threads(workdir, model_path, monkeypatch):
+    """Beside a GPU the comparison PNGs are drawn by processes (drawing holds the GIL); run here with the pool
+    a GPU gets, the PNGs and metrics are those the CPU's threads write, and a full disk is still one error."""
+    from concurrent.futures import ProcessPoolExecutor
+    monkeypatch.chdir(workdir)
+    threads_rows = evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "threads", 3)), "mse")
+    real = evaluation_engine.comparison_writers
+    pool, parts = real(torch.device("cuda"), loader_workers=0)
+    pool.shutdown()
+    assert isinstance(pool, ProcessPoolExecutor) and parts >= 1
+    monkeypatch.setattr(evaluation_engine, "comparison_writers",
+                        lambda device, workers: real(torch.device("cuda"), workers))
+    monkeypatch.setattr(evaluation_engine, "cpu_count", lambda: 3)  # two processes, so a batch is split
+    process_rows = evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "processes", 3)), "mse")
+    assert process_rows == threads_rows
+    names = sorted(path.relative_to(workdir / "threads") for path in (workdir / "threads").rglob("*.png"))
+    assert len(names) == len(threads_rows) and names == sorted(
+        path.relative_to(workdir / "processes") for path in (workdir / "processes").rglob("*.png"))
+    for name in names:
+        assert (workdir / "threads" / name).read_bytes() == (workdir / "processes" / name).read_bytes()
+
+    def full_disk(path, rgb):
+        raise UserError(f"cannot write {path!r}: the disk is full")
+    monkeypatch.setattr(report, "write_png", full_disk)  # the forked processes inherit it
+    with pytest.raises(UserError, match="the disk is full"):
+        evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "full", 3)), "mse")
+    assert not (workdir / "full" / "metrics.xlsx").exists()
