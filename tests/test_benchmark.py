@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from conftest import REPO, SAMPLE_TILES, script_env
 
 SPEED_SECTIONS = ("1.", "1b.", "2.", "3a.", "3b.", "4.", "5.")
@@ -77,3 +80,10 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     precision = run_benchmark(tmp_path, "--mixed_precision=fast")
     assert precision.returncode == 2
     assert precision.stderr.count("\n") == 1 and "mixed_precision" in precision.stderr, precision.stderr
+
+
+def test_gpu_rows_without_a_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --devices=cuda runs")
+    result = run_benchmark(tmp_path, "--quick", "--devices=cuda")
+    assert result.returncode == 2 and result.stderr.strip() == "error: --devices=cuda: torch sees no CUDA GPU here"
