@@ -6,9 +6,10 @@ last incomplete batch; other processes' shares) before the second. The cached da
 same items as Dataset.ImageFolder (same tensors, paths and unreadable-file errors), so batches are
 identical with and without the cache.
 
-The cache lives in ordinary host memory, not pinned memory: Dataset.collate copies each batch out of it
-into a fresh tensor, and only that tensor (pinned by the DataLoader) travels to the GPU, so pinning the
-cache would lock memory the system cannot reclaim and speed up nothing.
+Once complete, the cache moves into GPU memory when it takes at most half of what is free there (place),
+and each batch is gathered from it on the GPU (CachedBatches): no loader process, no copy through the host.
+Otherwise it stays in ordinary host memory and each batch is gathered into a fresh pinned tensor, which
+alone travels to the GPU: pinning the whole cache would lock memory the system cannot reclaim.
 """
 import os
 
@@ -247,7 +248,45 @@ def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=Tru
     return cache.dataset(cpu_count() // world if workers is None else workers, progress)
 
 
-def loader_workers(dataset, requested):
-    """Loader processes for dataset: none for a cached one (indexing memory is cheaper than starting
-    processes, which would each get the whole cache), requested otherwise."""
-    return 0 if isinstance(dataset, CachedTiles) else requested
+class CachedBatches:
+    """The batches of a cached dataset's tiles at indices, gathered from its tile tensor wherever that lives
+    (host or GPU memory): the batches DataLoader(Subset(cached, indices), batch_size, sampler, drop_last,
+    collate_fn=Dataset.collate) gives, with no loader process and, on a GPU, no copy through the host."""
+
+    def __init__(self, cached, indices, batch_size, sampler=None, drop_last=False, pin=False):
+        self.cached, self.indices, self.pin = cached, list(indices), pin
+        self.batches = torch.utils.data.BatchSampler(sampler if sampler is not None else range(len(self.indices)),
+                                                     batch_size, drop_last)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        images, paths, errors = self.cached.images, self.cached.paths, self.cached.errors
+        for positions in self.batches:
+            rows = [self.indices[position] for position in positions]
+            good = [row for row in rows if row not in errors]
+            index = torch.tensor(good, dtype=torch.long)
+            if images.is_cuda:  # from pinned memory: the copy does not wait for the GPU
+                index = index.pin_memory().to(images.device, non_blocking=True)
+            # pin: the batch leaves host memory for a GPU, and only a pinned copy goes there without a wait
+            batch = torch.empty((len(good), *images.shape[1:]), dtype=images.dtype, device=images.device,
+                                pin_memory=self.pin and not images.is_cuda)
+            yield torch.index_select(images, 0, index, out=batch), [paths[row] for row in good], \
+                [(paths[row], errors[row]) for row in rows if row in errors]
+
+
+def place(cached, device, say=print):
+    """cached (a CachedTiles) with its tiles moved into the memory of device, a GPU, when they take at most
+    half of what is free there; batches are then gathered on the GPU. Says one line of where they are."""
+    if device.type != "cuda":
+        return cached
+    free = torch.cuda.mem_get_info(device)[0]
+    need = cached.images.numel()
+    if need > free // 2:
+        say(f"The decoded tiles ({_size(need)}) stay in host memory: they exceed half of the {_size(free)} free on "
+            f"{device}.")
+        return cached
+    cached.images = cached.images.to(device)
+    say(f"Decoded tiles moved to {device} ({_size(need)} of {_size(free)} free): batches are gathered there.")
+    return cached

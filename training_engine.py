@@ -215,7 +215,7 @@ def build_loaders(run, dataset, train_idx, val_idx):
 
 
 def make_loaders(run, dataset):
-    workers = tile_cache.loader_workers(dataset, worker_count(run.cfg.num_workers))
+    workers = worker_count(run.cfg.num_workers)
     loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
                        persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
                        multiprocessing_context=runtime.loader_start_method() if workers else None)
@@ -229,12 +229,17 @@ def make_loaders(run, dataset):
 
 
 def read_from_cache(run):
-    """Once this process has trained an epoch on files, keeping each tile: the loaders read the cache from
-    now on, its workers stop, and the tiles that epoch did not read are decoded first."""
+    """Once this process has trained an epoch on files, keeping each tile: its loader workers stop, the tiles
+    that epoch did not read are decoded, and from now on batches are gathered from the cache (on the GPU when
+    they fit there)."""
     runtime.stop_loader_workers(run.loader, run.val_loader)
-    dataset = run.cache.dataset(worker_count(run.cfg.num_workers), progress=run.ddp.main)
+    cached = run.cache.dataset(worker_count(run.cfg.num_workers), progress=run.ddp.main)
     run.cache = None
-    make_loaders(run, dataset)
+    cached = tile_cache.place(cached, run.device, run.say)
+    pin = run.device.type == "cuda"
+    run.loader = tile_cache.CachedBatches(cached, run.train_idx, run.batch_size, run.sampler,
+                                          drop_last=run.sampler.num_samples > run.batch_size, pin=pin)
+    run.val_loader = tile_cache.CachedBatches(cached, run.val_idx, run.batch_size, pin=pin) if run.val_idx else None
 
 
 def kept(run, batches):

@@ -157,3 +157,25 @@ def test_local_rank_chooses_the_gpu(monkeypatch):
     with pytest.raises(UserError, match=f"GPU {count} does not exist"):
         runtime.select_device("0")
     torch.cuda.set_device(0)
+
+
+def test_cached_tiles_move_to_the_gpu_and_give_the_same_batches_without_a_wait(tmp_path):
+    import tile_cache
+    from Dataset import ImageFolder
+    dataset = ImageFolder(make_tiles(tmp_path / "tiles", count=10), 64)
+    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    host = list(tile_cache.CachedBatches(cached, range(10), 4))
+    lines = []
+    on_gpu = tile_cache.place(cached, CUDA, lines.append)
+    assert on_gpu.images.is_cuda and "moved to cuda:0" in lines[0], lines
+    batches = iter(tile_cache.CachedBatches(on_gpu, range(10), 4))
+    next(batches)  # the first gather sets things up once (the pinned-memory pool)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rest = list(batches)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    for (images, paths, skipped), (gathered, gathered_paths, gathered_skipped) in zip(host[1:], rest):
+        assert gathered.is_cuda and torch.equal(images, gathered.cpu())
+        assert paths == gathered_paths and skipped == gathered_skipped

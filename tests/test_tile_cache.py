@@ -144,13 +144,6 @@ def test_false_never_caches(folder, monkeypatch, reads):
     assert lines == ["Reading tiles from disk every epoch (cache_tiles=False)."] and reads == []
 
 
-def test_loader_workers(folder):
-    dataset = ImageFolder(folder, TILE)
-    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
-    assert tile_cache.loader_workers(cached, 4) == 0
-    assert tile_cache.loader_workers(dataset, 4) == 4
-
-
 def write(path, text):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
@@ -211,3 +204,35 @@ def test_tiles_kept_as_read_then_the_rest_decoded(folder, reads):
                 batches(dataset, epoch), batches(cached, epoch)):
             assert torch.equal(images, cached_images) and paths == cached_paths and skipped == cached_skipped
     assert len(reads) == 2 * COUNT  # only the plain dataset read files
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_cached_batches_are_the_loader_batches(folder, drop_last):
+    """Gathered from the cache's tensor, the batches of a subset (the unreadable file among them) are those
+    a DataLoader over the same subset, sampler and collate gives."""
+    dataset = ImageFolder(folder, TILE)
+    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    indices = list(range(1, COUNT, 2)) + [dataset.paths.index(str(folder / "t06b.png"))]
+    for seed in (1, 2):
+        sampler = torch.utils.data.RandomSampler(indices, generator=torch.Generator().manual_seed(seed))
+        expected = list(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=5,
+                                                    sampler=sampler, drop_last=drop_last, collate_fn=collate))
+        sampler.generator.manual_seed(seed)
+        got = list(tile_cache.CachedBatches(cached, indices, 5, sampler, drop_last))
+        assert len(got) == len(expected) == len(tile_cache.CachedBatches(cached, indices, 5, sampler, drop_last))
+        for (images, paths, skipped), (cached_images, cached_paths, cached_skipped) in zip(expected, got):
+            assert torch.equal(images, cached_images) and paths == cached_paths and skipped == cached_skipped
+    assert sum(len(skipped) for _, _, skipped in got) == 1 or drop_last
+    sequential = list(tile_cache.CachedBatches(cached, indices, 4))
+    assert [path for _, paths, _ in sequential for path in paths] == [
+        dataset.paths[i] for i in indices if i != dataset.paths.index(str(folder / "t06b.png"))]
+
+
+def test_the_cache_stays_in_host_memory_when_the_gpu_has_no_room(folder, monkeypatch):
+    dataset = ImageFolder(folder, TILE)
+    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    lines = []
+    assert tile_cache.place(cached, torch.device("cpu"), lines.append) is cached and lines == []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * need(dataset) - 2, 80 << 30))
+    placed = tile_cache.place(cached, torch.device("cuda", 0), lines.append)
+    assert placed.images.device.type == "cpu" and "stay in host memory" in lines[0] and len(lines) == 1
