@@ -15,16 +15,16 @@ from tqdm import tqdm
 
 import checkpoint_io
 import runtime
-import tile_cache
+import training_data
 import training_state
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
-from Dataset import ImageFolder, SkipLog, collate
+from Dataset import ImageFolder, SkipLog
 from augmentation import prepare_batch
 from cli import UserError, load_config, run_main
 from inference import reconstruct
 from metrics import LOSSES
 from outputs import check_writable
-from runtime import Distributed, autocast, autocast_dtype, precision_name, worker_count
+from runtime import Distributed, autocast, autocast_dtype, precision_name
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
 
@@ -46,34 +46,6 @@ def learning_rate(cfg, epoch):
     return cfg.learning_rate
 
 
-def split_indices(count, val_fraction, seed):
-    """(training indices, validation indices): a fixed random share of the tiles, chosen by seed."""
-    n_val = int(round(count * val_fraction))
-    if val_fraction > 0 and n_val == 0 and count >= 2:
-        n_val = 1
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
-
-class EpochSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler (this process's share of a per-epoch shuffle seeded by seed + epoch), minus the
-    batches an interrupted epoch had already trained when it is resumed."""
-
-    def __init__(self, dataset, seed, rank, world, batch_size):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.batch_size, self.skip = batch_size, 0
-
-    def set_epoch(self, epoch, skip_batches=0):
-        super().set_epoch(epoch)
-        self.skip = skip_batches * self.batch_size
-
-    def __iter__(self):
-        return iter(list(super().__iter__())[self.skip:])
-
-    def __len__(self):
-        return max(0, self.num_samples - self.skip)
-
-
 @torch.no_grad()
 def validation_metrics(run, loader):
     """Mean MSE, PSNR and SSIM of the validation tiles (whole tiles, no augmentation), over all ranks."""
@@ -81,7 +53,7 @@ def validation_metrics(run, loader):
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     with runtime.interrupts_blocked():
-        batches = kept(run, iter(loader))
+        batches = training_data.kept(run, iter(loader))
     for images, _, _ in batches:
         if len(images):
             _, _, metrics = reconstruct(model, images, device, run.amp_dtype)
@@ -168,7 +140,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} training "
                         "process(es) and give each at least 2 tiles (BatchNorm needs two)")
     dataset = ImageFolder(cfg.folder_path_train, cfg.tile_size)
-    train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = training_data.split_indices(len(dataset), cfg.val_fraction, cfg.seed)
     if len(train_idx) < ddp.world:
         raise UserError(f"{cfg.folder_path_train!r} holds {len(train_idx)} training tiles, fewer than the "
                         f"{ddp.world} training processes")
@@ -192,59 +164,13 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)
     training_state.start_or_resume(run)
-    build_loaders(run, dataset, train_idx, val_idx)
+    run.model = ddp.wrap(raw_model, cfg.compile_model)
+    training_data.build_loaders(run, dataset, train_idx, val_idx)
     if run.start_epoch <= cfg.num_epochs:
         say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
             f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
             f"{loss_name.upper()} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
     return run
-
-
-def build_loaders(run, dataset, train_idx, val_idx):
-    """The model as trained (DDP, compile), the epoch sampler and the loaders reading the files; with
-    cache_tiles, the cache the first epoch fills (read_from_cache)."""
-    cfg, ddp = run.cfg, run.ddp
-    run.model = ddp.wrap(run.raw_model, cfg.compile_model)
-    run.cache, run.train_idx, run.val_idx = None, train_idx, val_idx[ddp.rank::ddp.world]
-    if run.start_epoch <= cfg.num_epochs:  # each process on this node holds its own copy
-        run.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
-        run.cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=run.local_world, say=run.say)
-    run.sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world,
-                               run.batch_size)
-    make_loaders(run, dataset)
-
-
-def make_loaders(run, dataset):
-    workers = worker_count(run.cfg.num_workers)
-    loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
-                       persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
-                       multiprocessing_context=runtime.loader_start_method() if workers else None)
-    run.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, run.train_idx), batch_size=run.batch_size,
-                                             sampler=run.sampler, drop_last=run.sampler.num_samples > run.batch_size,
-                                             **loader_args)
-    run.val_loader = None
-    if run.val_idx:
-        run.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, run.val_idx),
-                                                     batch_size=run.batch_size, **loader_args)
-
-
-def read_from_cache(run):
-    """Once this process has trained an epoch on files, keeping each tile: its loader workers stop, the tiles
-    that epoch did not read are decoded, and from now on batches are gathered from the cache (on the GPU when
-    they fit there)."""
-    runtime.stop_loader_workers(run.loader, run.val_loader)
-    cached = run.cache.dataset(worker_count(run.cfg.num_workers), progress=run.ddp.main)
-    run.cache = None
-    cached = tile_cache.place(cached, run.device, run.say)
-    pin = run.device.type == "cuda"
-    run.loader = tile_cache.CachedBatches(cached, run.train_idx, run.batch_size, run.sampler,
-                                          drop_last=run.sampler.num_samples > run.batch_size, pin=pin)
-    run.val_loader = tile_cache.CachedBatches(cached, run.val_idx, run.batch_size, pin=pin) if run.val_idx else None
-
-
-def kept(run, batches):
-    """batches, their tiles kept in the cache while it is being filled."""
-    return batches if run.cache is None else run.cache.record(batches)
 
 
 def train_one_epoch(run, epoch):
@@ -258,7 +184,7 @@ def train_one_epoch(run, epoch):
         loss, step, seconds_before, run.partial = EpochLoss(device, part.loss_sum, part.loss_count), part.step, \
             part.seconds, None
     if run.cache is not None and run.cache.recorded:
-        read_from_cache(run)
+        training_data.read_from_cache(run)
     run.sampler.set_epoch(epoch, step)
     lr = learning_rate(cfg, epoch)
     for group in run.optimizer.param_groups:
@@ -266,7 +192,7 @@ def train_one_epoch(run, epoch):
     run.model.train()
     started = time.time()
     with runtime.interrupts_blocked():
-        batches = kept(run, iter(run.loader))
+        batches = training_data.kept(run, iter(run.loader))
     bar = tqdm(batches, desc=f"Epoch {epoch}/{cfg.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not ddp.main, initial=step, total=step + len(run.loader))
     try:

@@ -15,6 +15,7 @@ from PIL import Image
 
 import checkpoint_io
 import metrics
+import training_data
 import training_engine
 import training_state
 from Auto_encoder import AutoEncoder
@@ -352,7 +353,7 @@ def test_validation_split_metrics_and_best_model(small_tiles, tmp_path, monkeypa
     assert epochs_of(rows) == [1, 2, 3]
 
     dataset = ImageFolder(str(small_tiles), 32)
-    train_idx, val_idx = training_engine.split_indices(len(dataset), 0.25, 0)
+    train_idx, val_idx = training_data.split_indices(len(dataset), 0.25, 0)
     tiles = [dataset[i]["image"].float().div(255.0) for i in range(len(dataset))]
     used = set()
     for target in targets:  # augment=false, no crop: each training target is a whole tile
@@ -397,13 +398,13 @@ def test_no_validation_leaves_columns_empty_and_no_best_model(small_tiles, tmp_p
 
 
 def test_split_indices_deterministic_and_disjoint():
-    train_idx, val_idx = training_engine.split_indices(100, 0.2, seed=3)
-    assert (train_idx, val_idx) == training_engine.split_indices(100, 0.2, seed=3)
+    train_idx, val_idx = training_data.split_indices(100, 0.2, seed=3)
+    assert (train_idx, val_idx) == training_data.split_indices(100, 0.2, seed=3)
     assert len(val_idx) == 20 and not set(train_idx) & set(val_idx)
     assert sorted(train_idx + val_idx) == list(range(100))
-    assert training_engine.split_indices(100, 0.2, seed=4)[1] != val_idx
-    assert training_engine.split_indices(100, 0, seed=3) == (list(range(100)), [])
-    assert len(training_engine.split_indices(10, 0.01, seed=0)[1]) == 1, "any positive fraction holds out a tile"
+    assert training_data.split_indices(100, 0.2, seed=4)[1] != val_idx
+    assert training_data.split_indices(100, 0, seed=3) == (list(range(100)), [])
+    assert len(training_data.split_indices(10, 0.01, seed=0)[1]) == 1, "any positive fraction holds out a tile"
 
 
 def test_periodic_finiteness_check_stops_within_its_interval(long_tiles, tmp_path, monkeypatch):
