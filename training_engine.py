@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint_io
+import loss_log
 import runtime
 import training_data
 import training_state
@@ -255,7 +256,7 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
             if os.path.exists(paths.interrupt):
                 os.remove(paths.interrupt)
         plot = epoch == cfg.num_epochs or time.monotonic() - run.plotted >= PLOT_EVERY_SECONDS
-        failure = training_state.write_log(run, plot)
+        failure = loss_log.write_log(run, plot)
         run.plotted = time.monotonic() if plot and failure is None else run.plotted
     if ddp.any(failure is not None)[0]:
         if not due:  # keep the finished epoch: the next run resumes after it
@@ -284,7 +285,7 @@ def finish(run):
     if run.start_epoch > epochs:
         run.say(f"Nothing to do: already trained for {run.start_epoch - 1} of num_epochs={epochs} epochs.")
         if run.ddp.main and not os.path.isfile(paths.final):  # stopped before its end: finish the log and save
-            failure = training_state.write_log(run, plot=True)
+            failure = loss_log.write_log(run, plot=True)
             if failure:
                 raise failure
             checkpoint_io.save(run.raw_model.state_dict(), paths.final)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import checkpoint_io
+import loss_log
 import metrics
 import training_data
 import training_engine
@@ -279,7 +280,7 @@ def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up
     """Ctrl-C after an epoch's last step, while it is validated, its best model saved or its curve drawn."""
     best_path = str(tmp_path / "checkpoints" / "Best_Model_AE_MSE.pth")
     module, name = {"validation": (training_engine, "validation_metrics"), "best model": (checkpoint_io, "save"),
-                    "loss curve": (training_state, "plot_history")}[where]
+                    "loss curve": (loss_log, "plot_history")}[where]
     real, calls = getattr(module, name), []
 
     def interrupted(*args):
@@ -440,7 +441,7 @@ def test_diverged_run_saves_no_model(small_tiles, tmp_path, capsys, batch):
 def test_failed_loss_log_write_keeps_the_finished_epoch(small_tiles, wrapped_up, tmp_path, monkeypatch, capsys):
     """Disk full while the loss log is written after epoch 2 (no periodic checkpoint due): one line, and the
     interrupt checkpoint keeps epochs 1 and 2 for the next run."""
-    real, calls = training_state.write_history, []
+    real, calls = loss_log.write_history, []
 
     def full_disk_at_epoch_2(path, rows):
         calls.append(1)
@@ -449,7 +450,7 @@ def test_failed_loss_log_write_keeps_the_finished_epoch(small_tiles, wrapped_up,
         return real(path, rows)
 
     with monkeypatch.context() as patch:
-        patch.setattr(training_state, "write_history", full_disk_at_epoch_2)
+        patch.setattr(loss_log, "write_history", full_disk_at_epoch_2)
         with pytest.raises(UserError, match=r"cannot write .*loss\.csv.* \(No space left on device\)"):
             train(small_tiles, tmp_path, 3, *WRAP_UP)
     state = torch.load(tmp_path / "checkpoints" / training_state.INTERRUPT_NAME, weights_only=True)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import checkpoint_io
+import loss_log
 import training_engine
 import training_state
 from cli import UserError, load_config
@@ -90,17 +91,17 @@ EXCEL_LOG = ("\ufeffEpoch;Loss;Val_MSE;Val_PSNR;Val_SSIM;Learning_Rate;Images_Se
 def test_read_history_after_excel(tmp_path):
     log = tmp_path / "loss.csv"
     log.write_bytes(EXCEL_LOG.encode("utf-8"))
-    assert training_state.read_history(str(log), 5) == [
+    assert loss_log.read_history(str(log), 5) == [
         {"Epoch": 1, "Loss": "0.052345", "Val_MSE": "", "Val_PSNR": "", "Val_SSIM": "", "Learning_Rate": "0.0001",
          "Images_Seen": "8", "Seconds": "1.5"},
         {"Epoch": 2, "Loss": "0.041234", "Val_MSE": "", "Val_PSNR": "", "Val_SSIM": "", "Learning_Rate": "0.0001",
          "Images_Seen": "16", "Seconds": "1.4"}]
-    assert [row["Epoch"] for row in training_state.read_history(str(log), 1)] == [1]
+    assert [row["Epoch"] for row in loss_log.read_history(str(log), 1)] == [1]
 
 
 def test_read_history_keeps_our_own_log_as_it_is(finished):
     rows = rows_of(finished / "loss.csv")
-    assert without_seconds(training_state.read_history(str(finished / "loss.csv"), 3)) == without_seconds(rows)
+    assert without_seconds(loss_log.read_history(str(finished / "loss.csv"), 3)) == without_seconds(rows)
 
 
 def test_resume_keeps_the_history_of_a_spreadsheet_saved_log(run_copy, finished, tiles):
