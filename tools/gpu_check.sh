@@ -65,7 +65,8 @@ step "Evaluation_MSE.py (the model just trained)" 120 python Evaluation_MSE.py -
     --reconstruction_metrics_mse="$work/metrics_mse.xlsx"
 step "Extract_Features.py (sample model)" 120 python Extract_Features.py --GPUs=0 --num_workers=4 \
     --features_output="$work/features/features.csv"
-step "benchmark.py, GPU rows" 300 python benchmark.py --devices=cuda --output "$work/benchmark_results.md"
+devices=$(python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+step "benchmark.py, $devices rows" 300 python benchmark.py --devices="$devices" --output "$work/benchmark_results.md"
 [ -f "$work/benchmark_results.md" ] && cat "$work/benchmark_results.md"
 
 echo
