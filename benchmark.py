@@ -28,7 +28,10 @@ from runtime import autocast_dtype, precision_name
 
 HEADER = ["section", "ours (img/s)", "compared with", "its img/s", "ratio"]
 AROUND_HEADER = ["network replaced by a no-op", "device", "num_workers", "tiles/s", "ms per tile"]
-WORKERS = (0, 1, 2)  # loader processes of the runs with the network replaced
+# Loader processes of the evaluation and feature runs (sections 3a-4) and of those with the network replaced
+# (section 6). A GPU node decodes with several: one process alone is slower than the GPU.
+WORKERS = {"cpu": (0, 2), "cuda": (4, 8)}
+AROUND_WORKERS = {"cpu": (0, 1, 2), "cuda": (4, 8)}
 
 
 def run(tiles, tile, crop, batch, epochs):
@@ -148,15 +151,17 @@ def evaluation(plan, bench, device):
     works = {"forward": (lambda: ours.forward_all(network, tiles, plan.batch, amp_dtype), plan.threads),
              "encoder": (lambda: ours.forward_all(network.embed, tiles, plan.batch, amp_dtype), plan.threads)}
     for job, engine in (("evaluation", ours.run_evaluation), ("features", ours.run_features)):
-        for workers in (0, 2):
+        for workers in WORKERS[device.type]:
             out = os.path.join(bench.work, f"{job}_{device.type}_{workers}")
             works[job, workers] = (lambda engine=engine, out=out, workers=workers: engine(
                 device, plan.precision, folder, bench.model_path, out, plan.tile, plan.batch, workers), plan.threads)
     rate = {name: len(paths) / s for name, s in side_by_side(works, plan.rounds, plan.min_run_time).items()}
-    best = {job: max((0, 2), key=lambda workers: rate[job, workers]) for job in ("evaluation", "features")}
+    best = {job: max(WORKERS[device.type], key=lambda workers: rate[job, workers])
+            for job in ("evaluation", "features")}
     label = f"{len(paths)} tiles, {device.type}, ours in {precision_name(amp_dtype)}"
     ref_name = "reference" + (f" ({len(bench.paths)} tiles)" if len(bench.paths) != len(paths) else "")
-    notes = [f"- {device.type}, {job}: " + ", ".join(f"num_workers={w}: {rate[job, w]:.2f} img/s" for w in (0, 2))
+    notes = [f"- {device.type}, {job}: " + ", ".join(f"num_workers={w}: {rate[job, w]:.2f} img/s"
+                                                     for w in WORKERS[device.type])
              for job in ("evaluation", "features")]
     return [speedup(f"3a. evaluation end to end ({label}; ours num_workers={best['evaluation']})",
                     rate["evaluation", best["evaluation"]], ref_name, len(bench.paths) / ref_seconds),
@@ -174,7 +179,7 @@ def around_the_network(plan, bench, device):
     folder, paths = bench.eval_folders[device.type]
     works = {}
     for job, engine in (("evaluation", ours.run_evaluation), ("feature extraction", ours.run_features)):
-        for workers in WORKERS:
+        for workers in AROUND_WORKERS[device.type]:
             out = os.path.join(bench.work, f"no_network_{job[0]}_{device.type}_{workers}")
             works[job, workers] = (lambda engine=engine, out=out, workers=workers: engine(
                 device, plan.precision, folder, bench.model_path, out, plan.tile, plan.batch, workers), plan.threads)
