@@ -4,6 +4,7 @@ For every tile under folder_path_test: reconstruct it, compute MSE, PSNR and SSI
 PNG, and at the end write one workbook. Metrics are those of the network's [0, 1] output, before it is
 rounded to 8 bits for the PNG.
 """
+import collections
 import math
 import os
 import multiprocessing
@@ -51,17 +52,19 @@ def check_finite(metrics, paths, model_path):
 
 
 def comparison_writers(device, loader_workers):
-    """The pool that draws and encodes the comparison PNGs, and how many parts each batch is split into.
+    """(the pool that draws and encodes the comparison PNGs, the parts each batch is split into, the batches
+    whose PNGs may be in progress when the next batch goes through the model).
     Beside a forward pass on the CPU: threads (numpy and zlib release the GIL, and processes would take the
-    network's cores). Beside a GPU: processes, one per CPU the loader workers leave, because drawing a
-    comparison image holds the GIL (about 1 ms of the 6 ms a tile takes), which caps threads near 1,000
-    tiles/s. Each pool task writes one part of a batch."""
+    network's cores), one batch, as work beside the forward pass stalls its threads (measured: the forward
+    slowed by about three times the work added). Beside a GPU: processes, one per CPU the loader workers
+    leave, because drawing a comparison image holds the GIL (about 1 ms of the 6 ms a tile takes), which caps
+    threads near 1,000 tiles/s; two batches, so that the processes do not wait while the GPU works."""
     if device.type == "cpu":
         size = max(2, min(8, cpu_count()))
-        return ThreadPoolExecutor(max_workers=size), size
+        return ThreadPoolExecutor(max_workers=size), size, 1
     size = max(1, cpu_count() - loader_workers - 1)
     return ProcessPoolExecutor(max_workers=size, initializer=runtime.ignore_interrupts,
-                               mp_context=multiprocessing.get_context(runtime.loader_start_method())), size
+                               mp_context=multiprocessing.get_context(runtime.loader_start_method())), size, 2
 
 
 def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
@@ -87,22 +90,22 @@ def evaluate(cfg, loss_name):
     print(f"Evaluating {printable(model_path)} on {len(run.dataset)} files from {printable(folder)} on "
           f"{run.device} in {precision_name(run.amp_dtype)}.")
 
-    rows, skips, pending = [], SkipLog(), []
+    rows, skips, pending = [], SkipLog(), collections.deque()
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
     bar = tqdm(start_batches(run.loader), total=len(run.loader), desc="Evaluating", unit="batch",
                dynamic_ncols=True, leave=False)
-    # A batch's PNGs are written by a pool (comparison_writers) while the next batch is read, and are finished
-    # before that batch goes through the model: on a CPU, work beside the forward pass stalls its threads
-    # (measured: the forward slowed by about three times the work added), and on a GPU it keeps the images
-    # waiting for their PNG to one batch instead of the whole folder.
-    pool, parts = comparison_writers(run.device, run.loader.num_workers)
+    # A batch's PNGs are written by a pool (comparison_writers) while the next batches are read, and are
+    # finished before the in_flight-th next batch goes through the model: memory holds at most in_flight
+    # batches waiting for their PNGs, however many tiles the folder has.
+    pool, parts, in_flight = comparison_writers(run.device, run.loader.num_workers)
     with pool:
         for images, paths, skipped in bar:
             skips.add(skipped)
             if not paths:
                 continue
-            for future in pending:
-                future.result()
+            while len(pending) >= in_flight:
+                for future in pending.popleft():
+                    future.result()
             _, recon, metrics = reconstruct(run.model, images, run.device, run.amp_dtype)
             recon_u8 = recon.mul(255).round_().to(torch.uint8).cpu()
             values = {name: metrics[name].cpu().tolist() for name in METRIC_NAMES}
@@ -110,10 +113,10 @@ def evaluate(cfg, loss_name):
             batch_rows = [{"Image Path": path, **{name: values[name][i] for name in METRIC_NAMES}}
                           for i, path in enumerate(paths)]
             rows += batch_rows
-            pending = submit_comparisons(pool, parts, images, recon_u8, batch_rows,
-                                         [os.path.relpath(path, folder) for path in paths],
-                                         [out_paths[path] for path in paths])
-        for future in pending:
+            pending.append(submit_comparisons(pool, parts, images, recon_u8, batch_rows,
+                                              [os.path.relpath(path, folder) for path in paths],
+                                              [out_paths[path] for path in paths]))
+        for future in (future for batch in pending for future in batch):
             future.result()
     if not rows:
         raise UserError(f"none of the {len(run.dataset)} files in {folder!r} could be read as an image "

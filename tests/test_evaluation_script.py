@@ -340,9 +340,12 @@ def test_comparison_pngs_from_processes_are_those_from_threads(workdir, model_pa
     monkeypatch.chdir(workdir)
     threads_rows = evaluation_engine.evaluate(load_config(eval_args("tiles", model_path, "threads", 3)), "mse")
     real = evaluation_engine.comparison_writers
-    pool, parts = real(torch.device("cuda"), loader_workers=0)
+    pool, parts, in_flight = real(torch.device("cuda"), loader_workers=0)
     pool.shutdown()
-    assert isinstance(pool, ProcessPoolExecutor) and parts >= 1
+    assert isinstance(pool, ProcessPoolExecutor) and parts >= 1 and in_flight == 2
+    pool, _, in_flight = real(torch.device("cpu"), loader_workers=0)
+    pool.shutdown()
+    assert not isinstance(pool, ProcessPoolExecutor) and in_flight == 1
     monkeypatch.setattr(evaluation_engine, "comparison_writers",
                         lambda device, workers: real(torch.device("cuda"), workers))
     monkeypatch.setattr(evaluation_engine, "cpu_count", lambda: 3)  # two processes, so a batch is split
