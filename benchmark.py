@@ -274,7 +274,8 @@ def speed(args):
 
 
 def parse_args(argv):
-    quality_defaults = {"images": 5000, "crop": 128, "train_folder": "training_tiles", "lr": 3e-4, "augment": False}
+    quality_defaults = {"images": 5000, "crop": 128, "train_folder": "training_tiles", "batch": 4, "lr": 1.5e-4,
+                        "weight_decay": 3e-4, "augment": False}
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="also write the report to this markdown file")
     parser.add_argument("--test_folder", default="input_images", help="held-out tiles (default input_images)")
@@ -290,7 +291,10 @@ def parse_args(argv):
     parser.add_argument("--images", type=int, help="quality: training images per recipe (default 5000)")
     parser.add_argument("--crop", type=int, help="quality: training crop side, pixels (default 128)")
     parser.add_argument("--train_folder", help="quality: training tiles (default training_tiles)")
-    parser.add_argument("--lr", type=float, help="quality: our peak learning rate, cosine-decayed (default 3e-4)")
+    parser.add_argument("--batch", type=int,
+                        help="quality: our batch, the same images in the same order (default 4; the reference's 16)")
+    parser.add_argument("--lr", type=float, help="quality: our peak learning rate, cosine-decayed (default 1.5e-4)")
+    parser.add_argument("--weight_decay", type=float, help="quality: our Adam weight decay (default 3e-4)")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction,
                         help="quality: augment our training batches (default off)")
     args = parser.parse_args(argv)

@@ -25,13 +25,14 @@ def decode(paths, tile_size, device):
 
 class Trainer:
     """Our training step as training_engine takes it (forward_loss, optimizer_step), on a network with
-    the given weights, Adam with the reference's settings, and a seeded augmentation generator."""
+    the given weights, Adam (the reference's settings unless given), and a seeded augmentation generator."""
 
-    def __init__(self, state, device, amp_dtype, seed, lr=reference.LEARNING_RATE):
+    def __init__(self, state, device, amp_dtype, seed, lr=reference.LEARNING_RATE,
+                 weight_decay=reference.WEIGHT_DECAY):
         self.model = AutoEncoder()
         self.model.load_state_dict(state)
         self.model.to(device, memory_format=torch.channels_last).train()
-        self.optimizer = training_state.adam(self.model, device, lr, reference.WEIGHT_DECAY)
+        self.optimizer = training_state.adam(self.model, device, lr, weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)
         self.device, self.amp_dtype = device, amp_dtype

@@ -15,7 +15,7 @@ from cli import UserError
 from runtime import autocast_dtype, precision_name
 
 TILE = 256
-BATCH = 16
+BATCH = 16  # the reference's batch; ours takes the same images in the same order in batches of args.batch
 
 
 def check(args):
@@ -27,6 +27,10 @@ def check(args):
         raise UserError(f"--crop={args.crop} must be a multiple of {DOWNSAMPLING} between {DOWNSAMPLING} and {TILE}")
     if args.images < 1:
         raise UserError(f"--images={args.images} must be at least 1")
+    if args.batch < 1:
+        raise UserError(f"--batch={args.batch} must be at least 1")
+    if args.weight_decay < 0:
+        raise UserError(f"--weight_decay={args.weight_decay} must not be negative")
 
 
 def batches_of(paths, images, seed):
@@ -36,6 +40,12 @@ def batches_of(paths, images, seed):
     passes = math.ceil(steps * BATCH / len(paths))
     sequence = torch.cat([torch.randperm(len(paths), generator=order) for _ in range(passes)]).tolist()
     return [[paths[i] for i in sequence[s * BATCH:(s + 1) * BATCH]] for s in range(steps)]
+
+
+def regrouped(batches, size):
+    """The images of batches, in the same order, in batches of size (the last one may be smaller)."""
+    images = [path for batch in batches for path in batch]
+    return [images[i:i + size] for i in range(0, len(images), size)]
 
 
 def train_reference(state, batches, crop, device, seed):
@@ -49,10 +59,11 @@ def train_reference(state, batches, crop, device, seed):
 
 
 def train_ours(state, batches, args, device):
-    """Ours: peak learning rate args.lr, cosine-decayed to 1 % by the last step (Config's lr_schedule
-    "cosine", stepped per batch instead of per epoch)."""
+    """Ours: the same images in batches of args.batch; peak learning rate args.lr, cosine-decayed to 1 % by
+    the last step (Config's lr_schedule "cosine", stepped per batch instead of per epoch)."""
+    batches = regrouped(batches, args.batch)
     trainer = ours.Trainer(state, device, autocast_dtype(device, args.mixed_precision, training=True), args.seed,
-                           lr=args.lr)
+                           lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(trainer.optimizer, T_max=max(1, len(batches) - 1),
                                                           eta_min=0.01 * args.lr)
     for paths in tqdm(batches, desc="our recipe", unit="step", leave=False):
@@ -82,7 +93,7 @@ def mean_metrics(batches):
     return {name: torch.cat(parts).mean().item() for name, parts in values.items()}
 
 
-def recipes(args, steps, train_paths, test_paths, device):
+def recipes(args, images, train_paths, test_paths, device):
     our_dtype = precision_name(autocast_dtype(device, args.mixed_precision, training=True))
     return [
         f"- Reference: per-image PIL chain on the CPU (Resize {TILE}, RandomCrop {args.crop}, rotation +-45, "
@@ -92,9 +103,10 @@ def recipes(args, steps, train_paths, test_paths, device):
         "tiles in, Sigmoid output compared with them.",
         f"- Ours: uint8 decode, prepare_batch(crop {args.crop}, augment {'on' if args.augment else 'off'}); [0, 1] "
         f"inputs and targets (normalisation inside the model); channels_last, {our_dtype}; Adam lr {args.lr:g} "
-        f"cosine-decayed to 1% over {steps} steps, weight decay {reference.WEIGHT_DECAY:g}; batch {BATCH}. "
+        f"cosine-decayed to 1% over {math.ceil(images / args.batch)} steps, weight decay "
+        f"{args.weight_decay:g}; batch {args.batch}. "
         "Evaluated with inference.reconstruct.",
-        f"- Both: the same {steps * BATCH} training images in the same order from {len(train_paths)} tiles in "
+        f"- Both: the same {images} training images in the same order from {len(train_paths)} tiles in "
         f"{args.train_folder} (seed {args.seed}, same initial weights); evaluated on the {len(test_paths)} "
         f"held-out tiles of {args.test_folder} at {TILE} x {TILE}; PSNR and windowed SSIM from metrics.per_image.",
     ]
@@ -107,7 +119,7 @@ def run(args):
     train_paths, test_paths = find_images(args.train_folder), find_images(args.test_folder)
     batches = batches_of(train_paths, args.images, args.seed)
     images = len(batches) * BATCH
-    described = recipes(args, len(batches), train_paths, test_paths, device)
+    described = recipes(args, images, train_paths, test_paths, device)
     print("\n".join(described), flush=True)
     torch.manual_seed(args.seed)
     state = AutoEncoder().state_dict()

@@ -60,10 +60,11 @@ def test_quick_speed_benchmark_reports_every_section(tmp_path):
 
 def test_quality_benchmark_on_a_tiny_training_folder(tmp_path, make_tiles):
     make_tiles(tmp_path / "tiles", [f"t{i}.png" for i in range(4)], size=128)
-    result = run_benchmark(tmp_path, "--quality", "--images=32", "--crop=64", "--train_folder=tiles")
+    result = run_benchmark(tmp_path, "--quality", "--images=32", "--crop=64", "--batch=8", "--train_folder=tiles")
     assert result.returncode == 0, result.stderr[-3000:]
     text = result.stdout
     assert "- Reference:" in text and "- Ours:" in text and "cosine" in text  # the recipes are stated
+    assert "over 4 steps" in text and "batch 8." in text  # ours: the same 32 images in batches of 8
     rows = {row[0]: row for row in table(text, "| recipe |")}
     for recipe in ("reference", "ours"):
         assert rows[recipe][1] == "32"
