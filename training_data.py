@@ -45,8 +45,8 @@ def build_loaders(run, dataset, train_idx, val_idx):
     cfg, ddp = run.cfg, run.ddp
     run.cache, run.train_idx, run.val_idx = None, train_idx, val_idx[ddp.rank::ddp.world]
     if run.start_epoch <= cfg.num_epochs:  # each process on this node holds its own copy
-        run.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
-        run.cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=run.local_world, say=run.say)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
+        run.cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=local_world, say=run.say)
     run.sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world,
                                run.batch_size)
     workers = worker_count(cfg.num_workers)
