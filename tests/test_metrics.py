@@ -163,3 +163,15 @@ def test_ssim_loss_trains_after_ssim_was_first_computed_for_inference():
     y = x.clone().requires_grad_(True)
     metrics.LOSSES["ssim"](y * 0.9, x).backward()
     assert torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_per_image_ssim_in_chunks_is_the_whole_batch_value(originals, layout):
+    """On a CPU per-image SSIM is computed a few images at a time: the values are exactly pytorch_msssim's
+    for the whole batch at once."""
+    from pytorch_msssim import ssim as whole_batch
+    x = to_batch([o / 255.0 for o in originals] * 2)[:7].contiguous(memory_format=layout)
+    y = to_batch([blurred(o) for o in originals] * 2)[:7].contiguous(memory_format=layout)
+    assert len(x) > metrics.CPU_CHUNK and len(x) % metrics.CPU_CHUNK
+    expected = whole_batch(y, x, data_range=1.0, size_average=False, win=metrics._window(x.device, 3))
+    assert torch.equal(metrics.ssim(y, x, reduce=False), expected)
