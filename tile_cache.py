@@ -16,7 +16,6 @@ import os
 import torch
 from tqdm import tqdm
 
-from runtime import cpu_count
 import runtime
 from Dataset import start_batches
 
@@ -237,15 +236,6 @@ def start_cache(dataset, setting, world=1, say=print):
         return None
     say(line)
     return TileCache(dataset, images)
-
-
-def maybe_cache(dataset, setting, world=1, say=print, workers=None, progress=True):
-    """dataset with every tile decoded into memory now (a CachedTiles) when start_cache gives a cache, else
-    dataset itself. workers: decoding processes (default: this process's share of the CPUs)."""
-    cache = start_cache(dataset, setting, world, say)
-    if cache is None:
-        return dataset
-    return cache.dataset(cpu_count() // world if workers is None else workers, progress)
 
 
 class CachedBatches:

@@ -163,7 +163,7 @@ def test_cached_tiles_move_to_the_gpu_and_give_the_same_batches_without_a_wait(t
     import tile_cache
     from Dataset import ImageFolder
     dataset = ImageFolder(make_tiles(tmp_path / "tiles", count=10), 64)
-    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    cached = tile_cache.start_cache(dataset, True, say=lambda line: None).dataset(workers=0, progress=False)
     host = list(tile_cache.CachedBatches(cached, range(10), 4))
     lines = []
     on_gpu = tile_cache.place(cached, CUDA, lines.append)

@@ -42,6 +42,12 @@ def batches(dataset, epoch):
     return list(loader)
 
 
+def maybe_cache(dataset, setting, world=1, say=print, workers=0, progress=False):
+    """dataset with every tile decoded now (a CachedTiles) when start_cache gives a cache, else dataset."""
+    cache = tile_cache.start_cache(dataset, setting, world, say)
+    return dataset if cache is None else cache.dataset(workers, progress)
+
+
 def need(dataset):
     return tile_cache.tile_bytes(len(dataset), dataset.tile_size)
 
@@ -51,7 +57,7 @@ def test_same_batches_with_and_without_the_cache(folder, workers, monkeypatch):
     monkeypatch.setattr(tile_cache, "DECODE_BATCH", 5)  # several hand-overs, the bad file inside one
     dataset = ImageFolder(folder, TILE)
     lines = []
-    cached = tile_cache.maybe_cache(dataset, True, say=lines.append, workers=workers, progress=False)
+    cached = maybe_cache(dataset, True, say=lines.append, workers=workers, progress=False)
     assert isinstance(cached, tile_cache.CachedTiles) and len(cached) == len(dataset) == COUNT
     assert len(lines) == 1 and lines[0].startswith("Caching the decoded tiles in memory (")
     for epoch in (1, 2):
@@ -71,7 +77,7 @@ def test_same_batches_with_and_without_the_cache(folder, workers, monkeypatch):
 
 def test_no_file_is_read_after_caching(folder, reads):
     dataset = ImageFolder(folder, TILE)
-    cached = tile_cache.maybe_cache(dataset, "auto", say=lambda line: None, workers=0, progress=False)
+    cached = maybe_cache(dataset, "auto", say=lambda line: None, workers=0, progress=False)
     assert isinstance(cached, tile_cache.CachedTiles)
     assert sorted(reads) == sorted(dataset.paths)  # each file decoded once, the bad one included
     reads.clear()
@@ -86,11 +92,11 @@ def test_auto_caches_only_within_half_the_available_memory(folder, monkeypatch):
     dataset = ImageFolder(folder, TILE)
     lines = []
     monkeypatch.setattr(tile_cache, "available_memory", lambda: 2 * need(dataset) - 1)
-    assert tile_cache.maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False) is dataset
     assert len(lines) == 1 and lines[0].startswith("Reading tiles from disk every epoch: the decoded tiles (")
     assert "exceed half of the" in lines[0] and "(cache_tiles=auto)" in lines[0]
     monkeypatch.setattr(tile_cache, "available_memory", lambda: 2 * need(dataset))
-    cached = tile_cache.maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False)
+    cached = maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False)
     assert isinstance(cached, tile_cache.CachedTiles) and "cache_tiles=auto" in lines[1] and len(lines) == 2
 
 
@@ -98,10 +104,10 @@ def test_auto_does_not_cache_when_the_memory_is_unknown(folder, monkeypatch):
     dataset = ImageFolder(folder, TILE)
     lines = []
     monkeypatch.setattr(tile_cache, "available_memory", lambda: None)
-    assert tile_cache.maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, "auto", say=lines.append, workers=0, progress=False) is dataset
     assert lines == ["Reading tiles from disk every epoch: the available memory cannot be read "
                      "(cache_tiles=auto; pass --cache_tiles=true to cache anyway)."]
-    cached = tile_cache.maybe_cache(dataset, True, say=lines.append, workers=0, progress=False)
+    cached = maybe_cache(dataset, True, say=lines.append, workers=0, progress=False)
     assert isinstance(cached, tile_cache.CachedTiles) and "available memory unknown" in lines[1]
 
 
@@ -109,13 +115,13 @@ def test_every_process_on_the_node_counts(folder, monkeypatch):
     dataset = ImageFolder(folder, TILE)
     lines = []
     monkeypatch.setattr(tile_cache, "available_memory", lambda: 3 * need(dataset))
-    assert isinstance(tile_cache.maybe_cache(dataset, "auto", world=1, say=lines.append, workers=0,
+    assert isinstance(maybe_cache(dataset, "auto", world=1, say=lines.append, workers=0,
                                              progress=False), tile_cache.CachedTiles)
-    assert tile_cache.maybe_cache(dataset, "auto", world=2, say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, "auto", world=2, say=lines.append, workers=0, progress=False) is dataset
     assert " x 2 processes" in lines[1] and "exceed half" in lines[1]
-    assert isinstance(tile_cache.maybe_cache(dataset, True, world=3, say=lines.append, workers=0,
+    assert isinstance(maybe_cache(dataset, True, world=3, say=lines.append, workers=0,
                                              progress=False), tile_cache.CachedTiles)
-    assert tile_cache.maybe_cache(dataset, True, world=4, say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, True, world=4, say=lines.append, workers=0, progress=False) is dataset
     assert lines[3].startswith("cache_tiles=True, but the decoded tiles (") and " x 4 processes" in lines[3]
     assert lines[3].endswith("reading tiles from disk every epoch instead.")
 
@@ -129,7 +135,7 @@ def test_true_falls_back_when_the_allocation_fails(folder, monkeypatch, reads, e
         raise error
     monkeypatch.setattr(tile_cache, "available_memory", lambda: None)
     monkeypatch.setattr(tile_cache.torch, "empty", refuse)
-    assert tile_cache.maybe_cache(dataset, True, say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, True, say=lines.append, workers=0, progress=False) is dataset
     reason = "DefaultCPUAllocator: can't allocate memory" if str(error) else "MemoryError"
     assert lines == [f"cache_tiles=True, but {need(dataset) / 1e6:.1f} MB for the decoded tiles could not be "
                      f"allocated ({reason}): reading tiles from disk every epoch instead."]
@@ -140,7 +146,7 @@ def test_false_never_caches(folder, monkeypatch, reads):
     dataset = ImageFolder(folder, TILE)
     lines = []
     monkeypatch.setattr(tile_cache, "available_memory", lambda: 1 << 50)
-    assert tile_cache.maybe_cache(dataset, False, say=lines.append, workers=0, progress=False) is dataset
+    assert maybe_cache(dataset, False, say=lines.append, workers=0, progress=False) is dataset
     assert lines == ["Reading tiles from disk every epoch (cache_tiles=False)."] and reads == []
 
 
@@ -211,7 +217,7 @@ def test_cached_batches_are_the_loader_batches(folder, drop_last):
     """Gathered from the cache's tensor, the batches of a subset (the unreadable file among them) are those
     a DataLoader over the same subset, sampler and collate gives."""
     dataset = ImageFolder(folder, TILE)
-    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    cached = maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
     indices = list(range(1, COUNT, 2)) + [dataset.paths.index(str(folder / "t06b.png"))]
     for seed in (1, 2):
         sampler = torch.utils.data.RandomSampler(indices, generator=torch.Generator().manual_seed(seed))
@@ -230,7 +236,7 @@ def test_cached_batches_are_the_loader_batches(folder, drop_last):
 
 def test_the_cache_stays_in_host_memory_when_the_gpu_has_no_room(folder, monkeypatch):
     dataset = ImageFolder(folder, TILE)
-    cached = tile_cache.maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
+    cached = maybe_cache(dataset, True, say=lambda line: None, workers=0, progress=False)
     lines = []
     assert tile_cache.place(cached, torch.device("cpu"), lines.append) is cached and lines == []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * need(dataset) - 2, 80 << 30))

@@ -303,19 +303,25 @@ def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up
     assert_same_weights(weights(best_path), weights(wrapped_up / "checkpoints" / "Best_Model_AE_MSE.pth"))
 
 
+def nan_loss_at_step(step, monkeypatch):
+    """Make the MSE loss NaN at its step-th call from now on; returns the list that counts the calls."""
+    real, calls = metrics.LOSSES["mse"], []
+
+    def nan_at_step(output, target):
+        calls.append(1)
+        loss = real(output, target)
+        return loss * math.nan if len(calls) == step else loss
+
+    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_step)
+    return calls
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoints(small_tiles, tmp_path, monkeypatch):
     train(small_tiles, tmp_path, 1, "--save_interval=1")
     checkpoints = tmp_path / "checkpoints"
     before = file_bytes(checkpoints)
-    real, calls = metrics.LOSSES["mse"], []
-
-    def nan_at_third_step(output, target):
-        calls.append(1)
-        loss = real(output, target)
-        return loss * math.nan if len(calls) == 3 else loss
-
-    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_third_step)
-    assert training_engine.LOSSES["mse"] is nan_at_third_step
+    nan_loss_at_step(3, monkeypatch)
+    assert training_engine.LOSSES["mse"] is metrics.LOSSES["mse"]
     # 8 training tiles, batch 4: epoch 2 is steps 1-2 of this run, so the third is epoch 3, step 1.
     with pytest.raises(UserError, match=r"loss became nan at epoch 3, step 1\b"):
         train(small_tiles, tmp_path, 3, "--save_interval=1")
@@ -411,14 +417,7 @@ def test_split_indices_deterministic_and_disjoint():
 def test_periodic_finiteness_check_stops_within_its_interval(long_tiles, tmp_path, monkeypatch):
     """The loss is read back from the device only every finite_check_interval steps: a NaN at step 4 stops
     training at the check after step 6, with the step it happened at, and nothing is saved."""
-    real, calls = metrics.LOSSES["mse"], []
-
-    def nan_at_fourth_step(output, target):
-        calls.append(1)
-        loss = real(output, target)
-        return loss * math.nan if len(calls) == 4 else loss
-
-    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_fourth_step)
+    calls = nan_loss_at_step(4, monkeypatch)
     with pytest.raises(UserError, match=r"loss became nan at epoch 1, step 4\b.*lower learning_rate"):
         training_engine.train(load_config(long_settings(long_tiles, tmp_path, 2, "--finite_check_interval=3")), "mse")
     assert len(calls) == 6
