@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError
-from outputs import printable, special_kind
+from core.errors import UserError
+from core.outputs import printable, special_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name

@@ -2,7 +2,7 @@
 
     python Evaluation_MSE.py --folder_path_test=my_tiles --model_path_mse=checkpoints/MSE/Final_Model_AE_MSE.pth
 """
-from evaluation_engine import main
+from core.evaluation_engine import main
 
 if __name__ == "__main__":
     main("mse")

@@ -26,12 +26,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-import inference
+from core import inference
 from Dataset import SkipLog, start_batches
-from cli import UserError, run_main
-from inference import run_model
-from outputs import check_target, check_writable, printable, replace_together
-from runtime import precision_name
+from core.errors import UserError
+from core.cli import run_main
+from core.inference import run_model
+from core.outputs import check_target, check_writable, printable, replace_together
+from core.runtime import precision_name
 
 FEATURE_DIM = 512
 FEATURE_COLUMNS = [f"Feature_{i}" for i in range(1, FEATURE_DIM + 1)]

@@ -15,8 +15,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from Dataset import PILLOW_FORMATS, upright_rgb
-from cli import UserError, run_main
-from outputs import check_writable, printable, write_png
+from core.errors import UserError
+from core.cli import run_main
+from core.outputs import check_writable, printable, write_png
 
 _POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)
 _PYRAMID_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")

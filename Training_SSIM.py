@@ -2,7 +2,7 @@
 
     python Training_SSIM.py --num_epochs=3 --folder_path_train=my_tiles
 """
-from training_engine import main
+from core.training_engine import main
 
 if __name__ == "__main__":
     main("ssim")

@@ -19,12 +19,13 @@ from PIL import Image
 
 from Auto_encoder import AutoEncoder
 from Dataset import find_images, load_image
-from augmentation import prepare_batch
+from core.augmentation import prepare_batch
 from benchmarks import ours, quality, reference, tables
 from benchmarks.measure import side_by_side
-from cli import UserError, run_main
-from malloc_tuning import keep_freed_memory
-from runtime import autocast_dtype, precision_name
+from core.errors import UserError
+from core.cli import run_main
+from core.malloc_tuning import keep_freed_memory
+from core.runtime import autocast_dtype, precision_name
 
 HEADER = ["section", "ours (img/s)", "compared with", "its img/s", "ratio"]
 AROUND_HEADER = ["network replaced by a no-op", "device", "num_workers", "tiles/s", "ms per tile"]

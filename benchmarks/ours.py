@@ -6,16 +6,16 @@ from unittest import mock
 import torch
 
 import Extract_Features
-import evaluation_engine
-import training_engine
-import training_state
+from core import evaluation_engine
+from core import training_engine
+from core import training_state
 from Auto_encoder import AutoEncoder, for_inference
 from Dataset import load_image
 from benchmarks import reference
 from benchmarks.measure import quietly
-from cli import load_config
-from runtime import autocast
-from metrics import LOSSES
+from core.cli import load_config
+from core.runtime import autocast
+from core.metrics import LOSSES
 
 
 def decode(paths, tile_size, device):

@@ -7,12 +7,12 @@ import time
 import torch
 from tqdm import tqdm
 
-import inference
+from core import inference
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import find_images
 from benchmarks import ours, reference, tables
-from cli import UserError
-from runtime import autocast_dtype, precision_name
+from core.errors import UserError
+from core.runtime import autocast_dtype, precision_name
 
 TILE = 256
 BATCH = 16  # the reference's batch; ours takes the same images in the same order in batches of args.batch

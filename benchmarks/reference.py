@@ -14,7 +14,7 @@ from PIL import Image
 from torchvision import transforms
 
 from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
-from metrics import per_image
+from core.metrics import per_image
 
 LEARNING_RATE, WEIGHT_DECAY = 1e-4, 1e-5
 

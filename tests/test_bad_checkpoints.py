@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-import checkpoint_io
+from core import checkpoint_io
 from Auto_encoder import AutoEncoder
-from cli import UserError
+from core.errors import UserError
 from conftest import tile_array
 from test_bad_inputs import TILE, error_line, eval_args, run
 
@@ -208,9 +208,9 @@ def test_evaluation_with_a_diverged_model_is_one_error(tmp_path, one_tile, state
 
 def test_evaluation_stops_when_the_output_is_not_finite(tmp_path, one_tile, monkeypatch):
     """Finite weights can still give NaN (an overflow in half precision): no workbook of NaN means."""
-    import evaluation_engine
-    from cli import load_config
-    from inference import reconstruct
+    from core import evaluation_engine
+    from core.cli import load_config
+    from core.inference import reconstruct
 
     def overflowing(*args):
         originals, reconstructions, metrics = reconstruct(*args)

@@ -15,16 +15,16 @@ import torch
 from PIL import Image
 
 import Dataset
-import checkpoint_io
-import inference
-import outputs
-import report
-import training_engine
+from core import checkpoint_io
+from core import inference
+from core import outputs
+from core import report
+from core import training_engine
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder, find_images, load_image
-from cli import UserError
+from core.errors import UserError
 from conftest import REPO, script_env, tile_array
-from outputs import printable
+from core.outputs import printable
 
 TILE = 32
 LATIN1_NAME = os.fsdecode(b"latin1_caf\xe9.png")  # a name that is not UTF-8, as copied from an old system

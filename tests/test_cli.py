@@ -7,8 +7,9 @@ import sys
 import pytest
 
 import Config
-import cli
-from cli import RULES, SCRIPT_KEYS, UserError, _config_values, load_config, script_keys
+from core import cli
+from core.cli import RULES, SCRIPT_KEYS, _config_values, load_config, script_keys
+from core.errors import UserError
 from conftest import REPO, script_env
 
 SCRIPTS = [("Training_MSE.py", "training", "mse"), ("Training_SSIM.py", "training", "ssim"),
@@ -293,7 +294,7 @@ def test_run_main_exit_codes(capsys, error, code, line):
 
 
 def test_ctrl_c_is_one_line_and_130():
-    process = run_python("import cli, os, signal\n"
+    process = run_python("import os, signal\nfrom core import cli\n"
                          "cli.run_main(lambda: os.kill(os.getpid(), signal.SIGINT))", stdout=subprocess.DEVNULL)
     assert process.wait(timeout=120) == 130
     assert process.stderr.read() == "interrupted\n"
@@ -306,7 +307,7 @@ def read_one_line_then_close(process):
 
 
 def test_stdout_closed_by_its_reader_is_a_quiet_exit():
-    process = run_python("import cli\n"
+    process = run_python("from core import cli\n"
                          "cli.run_main(lambda: [print(i) for i in range(10**6)])", stdout=subprocess.PIPE)
     first, code, errors = read_one_line_then_close(process)
     assert first == "0\n"
@@ -331,7 +332,7 @@ def test_evaluation_piped_into_head(tmp_path, make_tiles):
 def test_a_broken_pipe_elsewhere_is_not_hidden():
     """Only stdout's reader going away is quiet: a BrokenPipeError from another pipe (a loader worker's)
     still shows, while stdout is open."""
-    process = run_python("import cli\n"
+    process = run_python("from core import cli\n"
                          "def main():\n"
                          "    raise BrokenPipeError(32, 'Broken pipe')\n"
                          "cli.run_main(main)", stdout=subprocess.PIPE)

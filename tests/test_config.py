@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import Config
-import runtime
-from cli import UserError, _config_values, load_config
+from core import runtime
+from core.errors import UserError
+from core.cli import _config_values, load_config
 
 
 def test_no_arguments_gives_config_values():

@@ -11,7 +11,7 @@ import openpyxl
 import torch
 from PIL import Image
 
-import checkpoint_io
+from core import checkpoint_io
 from Auto_encoder import AutoEncoder
 from conftest import REPO, script_env, tile_array
 from test_bad_inputs import TILE, eval_args, run, save_model
@@ -20,7 +20,7 @@ from test_bad_inputs import TILE, eval_args, run, save_model
 # deterministic, unlike a kill sent from outside on a timer. argv: module, function, when, script, args...
 KILL_WRAPPER = """
 import os, signal, sys
-import {module} as target
+import core.{module} as target
 original, calls = target.{function}, []
 def wrapped(*args, **kwargs):
     calls.append(args)
@@ -45,7 +45,7 @@ def test_atomic_save_killed_mid_write_keeps_the_previous_file(tmp_path):
     numel = 16_000_000  # 64 MB: writing takes long enough to be caught in the middle
     saver = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, torch, checkpoint_io\n"
+         "import sys, torch\nfrom core import checkpoint_io\n"
          f"x = torch.empty({numel})\n"
          "for version in range(1000):\n"
          "    checkpoint_io.save({'version': version, 'x': x.fill_(version)}, sys.argv[1])\n",

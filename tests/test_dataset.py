@@ -8,7 +8,7 @@ from PIL import Image
 
 import Dataset
 from Dataset import IMAGE_EXTENSIONS, ImageFolder, collate, find_images, load_image
-from cli import UserError
+from core.errors import UserError
 
 TREE = ["z.png", "a/deep/er/still/one.PNG", "a/deep/two.Jpg", "a/three.tif", "b/four.webp", "b/five.JPEG",
         "b/six.bmp", "b/seven.gif", "a/deep/er/eight.TIFF", "C/nine.jpg", "a/ten.png"]

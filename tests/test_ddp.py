@@ -14,9 +14,9 @@ from PIL import Image
 
 import torch
 
-import training_engine
-import training_state
-from cli import load_config
+from core import training_engine
+from core import training_state
+from core.cli import load_config
 from conftest import REPO, script_env, tile_array
 
 LOSS_LINE = "Epoch {}/{}, Average Loss:"
@@ -60,7 +60,7 @@ def torchrun(tiles, out, epochs, *extra):
 
 
 def launched(tiles, out, epochs, *extra):
-    code = ("import sys, training_engine; "
+    code = ("import sys; from core import training_engine; "
             "training_engine.run_main(lambda: training_engine.launch('mse', sys.argv[1:], processes=2))")
     return run([sys.executable, "-c", code, *settings(tiles, out, epochs, *extra)], out)
 
@@ -129,13 +129,13 @@ def test_launch_with_sync_batchnorm(launched_run, single):
 # spawned processes import this file as their __main__ too, so they get the slow loss as well.
 SLOW_LAUNCHER = """
 import sys, time
-import metrics
+from core import metrics
 real = metrics.LOSSES["mse"]
 def slow(output, target):
     time.sleep(0.3)
     return real(output, target)
 metrics.LOSSES["mse"] = slow
-import training_engine
+from core import training_engine
 if __name__ == "__main__":
     training_engine.run_main(lambda: training_engine.launch("mse", sys.argv[1:], processes=2))
 """

@@ -11,15 +11,16 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import checkpoint_io
-import evaluation_engine
-import inference
-import report
+from core import checkpoint_io
+from core import evaluation_engine
+from core import inference
+from core import report
 from Auto_encoder import AutoEncoder
 from Dataset import find_images, load_image
-from outputs import png_bytes
-from cli import UserError, load_config
-from runtime import autocast_dtype
+from core.outputs import png_bytes
+from core.errors import UserError
+from core.cli import load_config
+from core.runtime import autocast_dtype
 from conftest import REPO, SAMPLE_TILES, tile_array
 
 TILE = 64

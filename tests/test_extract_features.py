@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 import Extract_Features
-import inference
+from core import inference
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
-from cli import load_config
-from runtime import autocast_dtype
+from core.cli import load_config
+from core.runtime import autocast_dtype
 from conftest import REPO, script_env, tile_array
-from inference import load_model
+from core.inference import load_model
 
 TILE = 64
 HEADER = [f"Feature_{i}" for i in range(1, 513)] + ["File_Path"]

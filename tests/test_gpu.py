@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 import Extract_Features
-import evaluation_engine
-import runtime
-import training_engine
-import training_state
+from core import evaluation_engine
+from core import runtime
+from core import training_engine
+from core import training_state
 from Auto_encoder import AutoEncoder
-from cli import UserError, load_config
+from core.errors import UserError
+from core.cli import load_config
 from conftest import SAMPLE_TILES, tile_array
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -160,7 +161,7 @@ def test_local_rank_chooses_the_gpu(monkeypatch):
 
 
 def test_cached_tiles_move_to_the_gpu_and_give_the_same_batches_without_a_wait(tmp_path):
-    import tile_cache
+    from core import tile_cache
     from Dataset import ImageFolder
     dataset = ImageFolder(make_tiles(tmp_path / "tiles", count=10), 64)
     cached = tile_cache.start_cache(dataset, True, say=lambda line: None).dataset(workers=0, progress=False)

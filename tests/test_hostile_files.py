@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 import Extract_Features
-import evaluation_engine
-from cli import UserError, load_config
+from core import evaluation_engine
+from core.errors import UserError
+from core.cli import load_config
 from conftest import REPO, script_env, tile_array
 
 TILE = 32

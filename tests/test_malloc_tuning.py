@@ -5,12 +5,12 @@ import sys
 
 import pytest
 
-import cli
-import malloc_tuning
+from core import cli
+from core import malloc_tuning
 from conftest import REPO, script_env
 
 # 20 MB from the heap, touched, then freed: kept by the process with the setting, given back without it.
-RSS_PROBE = ("import malloc_tuning\n"
+RSS_PROBE = ("from core import malloc_tuning\n"
              "applied = malloc_tuning.keep_freed_memory()\n"
              "def rss():\n"
              "    with open('/proc/self/statm') as handle:\n"

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageFilter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-import metrics
+from core import metrics
 from Auto_encoder import AutoEncoder
 
 TOL = 1e-4

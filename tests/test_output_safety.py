@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 
 import Extract_Features
-import checkpoint_io
-import evaluation_engine
-import outputs
-import report
-from cli import UserError, load_config
+from core import checkpoint_io
+from core import evaluation_engine
+from core import outputs
+from core import report
+from core.errors import UserError
+from core.cli import load_config
 from conftest import REPO, script_env, tile_array
 
 TILE = 32

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import runtime
-import training_engine
-from cli import UserError
+from core import runtime
+from core import training_engine
+from core.errors import UserError
 from conftest import REPO, script_env
 
 
@@ -94,8 +94,8 @@ def test_builtin_launcher_starts_one_process_per_listed_gpu(four_gpus, monkeypat
 # runtime.spawn's processes report their environment, then wait for a signal, as training does.
 SPAWNING = """
 import json, os, signal, sys, time
-import runtime
-from cli import run_main
+from core import runtime
+from core.cli import run_main
 
 def child(folder):
     got = []
@@ -140,7 +140,7 @@ def test_spawn_sets_each_process_up_and_passes_a_signal_on(tmp_path):
 
 
 def test_stdout_whose_reader_left_is_not_an_error(tmp_path):
-    code = ("import runtime\n"
+    code = ("from core import runtime\n"
             "runtime.keep_going_without_stdout()\n"
             "print('first', flush=True)\n"
             "for i in range(20000):\n"
@@ -164,7 +164,7 @@ def test_gpu_check_script_parses():
 
 WORKER_THREADS_AFTER_MAIN_LEFT = """
 import sys, threading
-import runtime
+from core import runtime
 runtime.ignore_interrupts(0)
 def report_as_the_resource_sharer_does(error):
     try:

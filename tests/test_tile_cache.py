@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import Dataset
-import tile_cache
+from core import tile_cache
 from Dataset import ImageFolder, collate
 
 TILE = 32

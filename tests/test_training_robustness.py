@@ -13,15 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint_io
-import loss_log
-import metrics
-import training_data
-import training_engine
-import training_state
+from core import checkpoint_io
+from core import loss_log
+from core import metrics
+from core import training_data
+from core import training_engine
+from core import training_state
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder
-from cli import UserError, load_config
+from core.errors import UserError
+from core.cli import load_config
 from conftest import REPO, run_repo_script, script_env, tile_array
 
 LONG_EPOCH_STEPS = 10  # long_tiles / batch 2: long enough to land a signal in the middle of an epoch

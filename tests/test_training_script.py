@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-import metrics
-import training_engine
-import training_state
+from core import metrics
+from core import training_engine
+from core import training_state
 from Auto_encoder import AutoEncoder
-from cli import load_config
+from core.cli import load_config
 from conftest import REPO, run_repo_script, script_env, tile_array
 
 TILE_NAMES = [f"slide{i // 4}/tile_{i}.png" for i in range(6)] + ["extra/deeper/tile_6.jpg", "tile_7.png"]

@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint_io
-import loss_log
-import training_engine
-import training_state
-from cli import UserError, load_config
+from core import checkpoint_io
+from core import loss_log
+from core import training_engine
+from core import training_state
+from core.errors import UserError
+from core.cli import load_config
 from conftest import tile_array
 
 CHECKPOINT = "Model_AE_epoch_{:03d}.pth"

@@ -9,8 +9,9 @@ import sys
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import checkpoint_io  # noqa: E402  (after the path set-up above)
-from cli import UserError, run_main  # noqa: E402
+from core import checkpoint_io  # noqa: E402  (after the path set-up above)
+from core.errors import UserError
+from core.cli import run_main  # noqa: E402
 
 
 def export_half(source, target):

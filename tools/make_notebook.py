@@ -61,9 +61,9 @@ import os
 import matplotlib.pyplot as plt
 
 from Dataset import SkipLog
-from cli import load_config
-from inference import reconstruct, setup
-from runtime import precision_name
+from core.cli import load_config
+from core.inference import reconstruct, setup
+from core.runtime import precision_name
 
 # Reconstructing a whole folder is a job for Evaluation_*.py; beyond this many tiles the notebook only
 # reconstructs the tiles it shows.

@@ -10,11 +10,8 @@ import types
 from dataclasses import dataclass
 
 
-import malloc_tuning
-
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad file, bad setting): printed as one line, exit code 2."""
+from core import malloc_tuning
+from core.errors import UserError
 
 
 # The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command

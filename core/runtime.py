@@ -16,7 +16,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from cli import UserError
+from core.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "off")
 _FAILED_GRACE_SECONDS = 30  # after one process fails, how long the others may take to stop before SIGKILL

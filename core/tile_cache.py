@@ -16,7 +16,7 @@ import os
 import torch
 from tqdm import tqdm
 
-import runtime
+from core import runtime
 from Dataset import start_batches
 
 DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache

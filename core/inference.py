@@ -4,13 +4,13 @@ import types
 
 import torch
 
-import checkpoint_io
+from core import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
-import runtime
+from core import runtime
 from Dataset import ImageFolder, collate
-from cli import UserError
-from runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
-from metrics import per_image
+from core.errors import UserError
+from core.runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
+from core.metrics import per_image
 
 
 def load_model(path, device):

@@ -14,14 +14,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import inference
-import runtime
+from core import inference
+from core import runtime
 from Dataset import SkipLog, start_batches
-from cli import UserError, run_main
-from inference import reconstruct
-from outputs import check_target, check_writable, printable
-from report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
-from runtime import cpu_count, precision_name
+from core.errors import UserError
+from core.cli import run_main
+from core.inference import reconstruct
+from core.outputs import check_target, check_writable, printable
+from core.report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
+from core.runtime import cpu_count, precision_name
 
 
 def check_outputs(cfg, loss_name):

@@ -5,10 +5,10 @@ import os
 
 import torch
 
-import runtime
-import tile_cache
+from core import runtime
+from core import tile_cache
 from Dataset import collate
-from runtime import worker_count
+from core.runtime import worker_count
 
 
 def split_indices(count, val_fraction, seed):

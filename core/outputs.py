@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from cli import UserError
+from core.errors import UserError
 
 MIN_FREE_BYTES = 1 << 20  # an output folder with less free space than this is on a full disk
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)

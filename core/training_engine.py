@@ -13,19 +13,20 @@ import types
 import torch
 from tqdm import tqdm
 
-import checkpoint_io
-import loss_log
-import runtime
-import training_data
-import training_state
+from core import checkpoint_io
+from core import loss_log
+from core import runtime
+from core import training_data
+from core import training_state
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
 from Dataset import ImageFolder, SkipLog
-from augmentation import prepare_batch
-from cli import UserError, load_config, run_main
-from inference import reconstruct
-from metrics import LOSSES
-from outputs import check_writable
-from runtime import Distributed, autocast, autocast_dtype, precision_name
+from core.augmentation import prepare_batch
+from core.errors import UserError
+from core.cli import load_config, run_main
+from core.inference import reconstruct
+from core.metrics import LOSSES
+from core.outputs import check_writable
+from core.runtime import Distributed, autocast, autocast_dtype, precision_name
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
 

@@ -13,8 +13,8 @@ import warnings
 
 import torch
 
-from cli import UserError
-from outputs import atomic_write
+from core.errors import UserError
+from core.outputs import atomic_write
 
 _PREFIXES = ("module.", "_orig_mod.")
 

@@ -18,9 +18,9 @@ import types
 
 import torch
 
-import checkpoint_io
-import loss_log
-from cli import UserError
+from core import checkpoint_io
+from core import loss_log
+from core.errors import UserError
 
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
 _EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")

@@ -5,8 +5,8 @@ import io
 import math
 import os
 
-from cli import UserError
-from outputs import atomic_write
+from core.errors import UserError
+from core.outputs import atomic_write
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 _FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SSIM": "{:.6f}",

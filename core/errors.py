@@ -1,0 +1,6 @@
+"""The error a user can fix. Kept apart from everything else so that any module can raise it without
+importing the command line, torch or the image libraries."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, bad file, bad setting): printed as one line, exit code 2."""
