@@ -26,8 +26,8 @@ SCRIPT_KEYS = {
                      model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
                    folder_path_features model_path_ssim features_output""".split(),
-    "tiles": """keep_freed_memory tile_size tile_stride slide_path tiles_output_folder tissue_fraction
-                background_gray exclude_tiles_in""".split(),
+    "tiles": """keep_freed_memory tile_size tile_stride target_mpp slide_mpp slide_path tiles_output_folder
+                tissue_fraction background_gray exclude_tiles_in""".split(),
 }
 SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
                 "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py"}
@@ -83,6 +83,8 @@ RULES = {
     "val_fraction": Rule(float, low=0, below=1),
     "tissue_fraction": Rule(float, low=0, high=1),
     "background_gray": Rule(int, low=0, high=255),
+    "target_mpp": Rule(float, above=0, high=1000),
+    "slide_mpp": Rule(float, low=0, high=1000),
 }
 _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
