@@ -1,11 +1,17 @@
 """Prepare_Tiles.py run as a user runs it: which positions become tiles, their pixels, and their PNG encoding."""
 import os
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from Dataset import load_image
+from core.errors import UserError
+from core.slides import parse_tile_name
+from tests import slides as test_slides
+from tests.conftest import REPO
 
 
 def tile_names(folder):
@@ -132,3 +138,80 @@ def test_exif_rotation_is_applied(tmp_path, run_script):
     assert result.returncode == 0, result.stderr
     assert "64 x 128 pixels" in result.stdout
     assert tile_names(tmp_path / "tiles") == ["slide_x000000_y000000.png"]
+
+
+def cut(tmp_path, **settings):
+    """prepare_tiles in this process, with Config's values for the keys not given."""
+    import Config
+    from Prepare_Tiles import prepare_tiles
+    from core.cli import script_keys
+    values = {key: getattr(Config, key) for key in script_keys("tiles")}
+    values.update(exclude_tiles_in="", tiles_output_folder=str(tmp_path / "tiles"), **settings)
+    return prepare_tiles(SimpleNamespace(**values))
+
+
+def test_shipped_slide_keeps_the_held_out_tiles_positions_and_pixels(tmp_path, run_script, sample_tiles):
+    """The default slide_path is the shipped slide; cut on the grid from (0, 0), its tissue tiles include the 16
+    held-out tiles of input_images/, pixel for pixel (0.499 um/px at 0.5: read at level 0, not resized)."""
+    import Config
+    assert (REPO / Config.slide_path).is_file()
+    result = run_script("Prepare_Tiles.py", f"--slide_path={REPO / Config.slide_path}", "--tiles_output_folder=tiles",
+                        "--exclude_tiles_in=", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "2220 x 2967 pixels at 0.499 um/px, 88 positions of 256 px" in result.stdout
+    names = tile_names(tmp_path / "tiles")
+    for path, pixels in sample_tiles:
+        assert path.name in names
+        with Image.open(tmp_path / "tiles" / path.name) as tile:
+            assert np.array_equal(np.asarray(tile), pixels)
+
+
+def test_another_cutting_into_the_same_folder_is_refused(tmp_path, run_script):
+    make_slide(tmp_path / "slide.png")
+    assert cut(tmp_path, slide_path=str(tmp_path / "slide.png"), slide_mpp=0.5, tile_size=64, tile_stride=32) == 9
+    before = {name: (tmp_path / "tiles" / name).read_bytes() for name in tile_names(tmp_path / "tiles")}
+    # The same cutting again is fine (it rewrites the same tiles); another tissue_fraction is the same cutting.
+    assert cut(tmp_path, slide_path=str(tmp_path / "slide.png"), slide_mpp=0.5, tile_size=64, tile_stride=32,
+               tissue_fraction=0.9) > 0
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--slide_mpp=0.5", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--tile_stride=16", "--exclude_tiles_in=", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: 'tiles' already holds tiles of slide from another cutting (")
+    assert "tile_stride_level0=32" in result.stderr and "tile_stride_level0=16" in result.stderr
+    assert {name: (tmp_path / "tiles" / name).read_bytes() for name in tile_names(tmp_path / "tiles")} == before
+    # Tiles of that slide without a record (cut by hand or by an older version) are not mixed with either.
+    (tmp_path / "tiles" / ".slide_tiles.json").unlink()
+    with pytest.raises(UserError, match="an unrecorded cutting"):
+        cut(tmp_path, slide_path=str(tmp_path / "slide.png"), slide_mpp=0.5, tile_size=64, tile_stride=32)
+
+
+def test_truncated_image_is_one_error_line_and_no_tiles(tmp_path, run_script):
+    make_slide(tmp_path / "slide.png")
+    data = (tmp_path / "slide.png").read_bytes()
+    (tmp_path / "slide.png").write_bytes(data[:len(data) // 2])
+    result = run_script("Prepare_Tiles.py", "--slide_path=slide.png", "--slide_mpp=0.5", "--tiles_output_folder=tiles",
+                        "--tile_size=64", "--exclude_tiles_in=", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: slide 'slide.png' cannot be read (image file is truncated")
+    assert tile_names(tmp_path / "tiles") == []
+
+
+def test_damaged_tile_data_skips_those_tiles_and_goes_on(tmp_path, capsys):
+    """One level-0 JPEG tile of the slide is garbage from its middle on: every tile over it is one warning
+    line naming its region, skipped and counted; every other tile is cut as from the intact slide."""
+    (tmp_path / "intact").mkdir()
+    (tmp_path / "damaged").mkdir()
+    intact = test_slides.make_20x(tmp_path / "intact", "slide.svs")
+    damaged, (x, y, width, height) = test_slides.make_damaged(tmp_path / "damaged", "slide.svs")
+    cut(tmp_path / "intact", slide_path=str(intact), tile_stride=128)
+    kept = cut(tmp_path / "damaged", slide_path=str(damaged), tile_stride=128)
+    out = capsys.readouterr().out
+    intact_names = tile_names(tmp_path / "intact" / "tiles")
+    damaged_names = tile_names(tmp_path / "damaged" / "tiles")
+    overlap = [name for name in intact_names
+               if abs(parse_tile_name(name)[1] - x) < width and abs(parse_tile_name(name)[2] - y) < height]
+    assert overlap and kept == len(damaged_names) == len(intact_names) - len(overlap)
+    assert set(damaged_names) == set(intact_names) - set(overlap)
+    assert out.count("has damaged image data in the region") == len(overlap)
+    assert f"region x={x}, y={y}, 256 x 256 level-0 pixels" in out
+    assert f"skipped {len(overlap)} in damaged regions" in out
