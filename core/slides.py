@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -237,12 +238,15 @@ class _PillowSlide(Slide):
         from Dataset import PILLOW_FORMATS, upright_rgb
         super().__init__()
         self.path = path
-        Image.MAX_IMAGE_PIXELS = PILLOW_PIXEL_LIMIT
+        limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = PILLOW_PIXEL_LIMIT // 2  # Pillow refuses images of more than twice this
         try:
-            # No with-block: closing would free the pixels, which upright_rgb keeps when they are RGB already.
-            opened = Image.open(path, formats=PILLOW_FORMATS)
-            recorded = self._recorded_mpp(opened)
-            self.image = upright_rgb(opened)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                # No with-block: closing would free the pixels, which upright_rgb keeps when they are RGB already.
+                opened = Image.open(path, formats=PILLOW_FORMATS)
+                recorded = self._recorded_mpp(opened)
+                self.image = upright_rgb(opened)
         except Image.DecompressionBombError:
             raise _error(path, f"has more than {PILLOW_PIXEL_LIMIT:,} pixels on one level: convert it to a "
                                "pyramidal TIFF (for example with vips tiffsave --tile --pyramid) and rerun")
@@ -251,6 +255,8 @@ class _PillowSlide(Slide):
         except (OSError, ValueError, SyntaxError) as err:
             raise _error(path, f"cannot be read ({printable(str(err))}): is it complete, and a slide file, "
                                "PNG, JPEG or TIFF image?")
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit  # tiles elsewhere in the process keep Pillow's own limit
         self.dimensions = self.image.size
         self.mpp = _chosen_mpp(path, recorded, slide_mpp)
 
