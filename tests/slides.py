@@ -104,15 +104,17 @@ def make_not_a_slide(folder, name="notes.svs"):
     return path
 
 
-def make_damaged(folder, name="region_damaged.svs", tile=(1, 1)):
-    """make_20x's slide with the JPEG data of one level-0 tile (column, row) overwritten by garbage from its
-    middle on. Returns (path, (x, y, width, height) of that tile in level-0 pixels)."""
+def make_damaged(folder, name="region_damaged.svs", tile=(1, 1), level=0):
+    """make_20x's slide with the JPEG data of one tile (column, row) of level (0, or 1 for the 2x level)
+    overwritten by garbage from its middle on. Returns (path, (x, y, width, height) of that tile in level-0
+    pixels)."""
     path = make_20x(folder, name)
     with tifffile.TiffFile(path) as tiff:
-        page = tiff.pages[0]
-        index = tile[1] * (page.imagewidth // TILE) + tile[0]
+        page = tiff.pages[level]
+        index = tile[1] * -(-page.imagewidth // TILE) + tile[0]
         offset, count = page.dataoffsets[index], page.databytecounts[index]
     with open(path, "r+b") as handle:
         handle.seek(offset + count // 2)
         handle.write(np.random.default_rng(0).integers(0, 256, count // 4, dtype=np.uint8).tobytes())
-    return path, (tile[0] * TILE, tile[1] * TILE, TILE, TILE)
+    side = TILE * 2 ** level
+    return path, (tile[0] * side, tile[1] * side, side, side)

@@ -1,4 +1,5 @@
 """Prepare_Tiles.py run as a user runs it: which positions become tiles, their pixels, and their PNG encoding."""
+import json
 import os
 from types import SimpleNamespace
 
@@ -215,3 +216,16 @@ def test_damaged_tile_data_skips_those_tiles_and_goes_on(tmp_path, capsys):
     assert out.count("has damaged image data in the region") == len(overlap)
     assert f"region x={x}, y={y}, 256 x 256 level-0 pixels" in out
     assert f"skipped {len(overlap)} in damaged regions" in out
+
+
+def test_a_40x_slide_is_cut_at_target_mpp_with_20x_names_doubled(tmp_path):
+    """The same tissue at 40x gives the tiles of the 20x slide, named by their level-0 (40x) positions."""
+    for magnification, make in (("20x", test_slides.make_20x), ("40x", test_slides.make_40x)):
+        (tmp_path / magnification).mkdir()
+        cut(tmp_path / magnification, slide_path=str(make(tmp_path / magnification, "slide.tif")), tile_stride=128)
+    names20 = tile_names(tmp_path / "20x" / "tiles")
+    names40 = tile_names(tmp_path / "40x" / "tiles")
+    assert len(names20) > 10
+    assert names40 == sorted(f"slide_x{2 * x:06d}_y{2 * y:06d}.png" for _, x, y in map(parse_tile_name, names20))
+    record = json.loads((tmp_path / "40x" / "tiles" / ".slide_tiles.json").read_text())
+    assert (record["tile_side_level0"], record["tile_stride_level0"], record["slide_mpp"]) == (512, 256, 0.2495)

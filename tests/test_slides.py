@@ -140,3 +140,17 @@ def test_truncated_and_non_slide_files_are_one_error(tmp_path):
         open_slide(png, slide_mpp=0.5)
     with pytest.raises(SlideError, match="not found"):
         open_slide(tmp_path / "nowhere.svs")
+
+
+def test_damage_in_the_level_the_mask_reads_is_recorded_and_not_tissue(tmp_path):
+    """The tissue mask reads the 2x level; a damaged tile there is left out of the mask (no tiles are cut
+    over it) and named in damaged_regions, and the rest of the mask is the intact slide's."""
+    path, (x, y, width, height) = test_slides.make_damaged(tmp_path, tile=(0, 0), level=1)
+    intact = test_slides.make_20x(tmp_path)
+    with open_slide(path) as damaged, open_slide(intact) as whole:
+        mask, whole_mask = slides.tissue_mask(damaged), slides.tissue_mask(whole)
+        assert len(damaged.damaged_regions) == 1 and "damaged image data in the region x=0, y=0" in \
+            damaged.damaged_regions[0]
+        side = round(width * mask.scale)
+        assert not mask.array[:side, :side].any() and whole_mask.array[:side, :side].any()
+        assert np.array_equal(mask.array[:, 2 * side:], whole_mask.array[:, 2 * side:])
