@@ -30,6 +30,7 @@ GRAYSCALE_SHARE = 0.05       # below this share of stained pixels among the dark
 SPECK_UM2 = 30 * 30           # stained areas smaller than this are dust or debris, not tissue
 _SNAP = 0.02                  # a side ratio within 2 % of a whole number is that number: 0.499 um/px is 20x
 _READ_CHUNK = 4096            # level pixels read at once for a thumbnail
+_DAMAGE_BLOCK = 256           # a thumbnail chunk with damaged data is read again in blocks of this many level pixels
 _TILE_NAME = re.compile(r"^(.*)_x(\d+)_y(\d+)$")
 
 
@@ -164,14 +165,27 @@ class Slide:
         reduced = Image.new("RGB", (math.ceil(width / factor), math.ceil(height / factor)), "white")
         for top in range(0, height, chunk):
             for left in range(0, width, chunk):
-                try:
-                    part = self._read_level(level, round(left * ds), round(top * ds),
-                                            (min(chunk, width - left), min(chunk, height - top)))
-                except SlideError as err:  # stays white, so no tile is cut there; the caller may report it
-                    self.damaged_regions.append(str(err))
-                    continue
+                part = self._read_or_white(level, left, top, (min(chunk, width - left), min(chunk, height - top)))
                 reduced.paste(part.reduce(factor) if factor > 1 else part, (left // factor, top // factor))
         return np.asarray(reduced.resize(size, Image.BOX)), size[0] / self.dimensions[0]
+
+
+    def _read_or_white(self, level, left, top, size):
+        """The level's pixels at (left, top) (level pixels) of size; where the data is damaged, blocks of
+        _DAMAGE_BLOCK pixels stay white, so no tile is cut there, and each is named in damaged_regions."""
+        ds = self.level_downsamples[level]
+        try:
+            return self._read_level(level, round(left * ds), round(top * ds), size)
+        except SlideError as err:
+            if max(size) <= _DAMAGE_BLOCK:
+                self.damaged_regions.append(str(err))
+                return Image.new("RGB", size, "white")
+        canvas = Image.new("RGB", size, "white")
+        for dy in range(0, size[1], _DAMAGE_BLOCK):
+            for dx in range(0, size[0], _DAMAGE_BLOCK):
+                block = (min(_DAMAGE_BLOCK, size[0] - dx), min(_DAMAGE_BLOCK, size[1] - dy))
+                canvas.paste(self._read_or_white(level, left + dx, top + dy, block), (dx, dy))
+        return canvas
 
 
 def _on_white(rgba):

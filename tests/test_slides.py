@@ -152,5 +152,6 @@ def test_damage_in_the_level_the_mask_reads_is_recorded_and_not_tissue(tmp_path)
         assert len(damaged.damaged_regions) == 1 and "damaged image data in the region x=0, y=0" in \
             damaged.damaged_regions[0]
         side = round(width * mask.scale)
-        assert not mask.array[:side, :side].any() and whole_mask.array[:side, :side].any()
+        inner = side - 2  # the thumbnail's last resize blends the pixel rows along the block's edge
+        assert not mask.array[:inner, :inner].any() and whole_mask.array[:inner, :inner].any()
         assert np.array_equal(mask.array[:, 2 * side:], whole_mask.array[:, 2 * side:])
