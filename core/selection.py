@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 N_INIT = 3  # k-means restarts, as DeepCluster++; the best of them by inertia is kept
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+MIN_MSE = 1e-12  # a perfect reconstruction's MSE, 0, is counted as this for its logarithm
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,11 @@ def robust_z(values):
 
 
 def qc_score(qc_mse):
-    """The quality-check score of each tile: the robust z-score of its reconstruction MSE within the slide.
-    Tiles the autoencoder reconstructs much worse than the slide's typical tile (pen, folds, debris) score high."""
-    return robust_z(qc_mse)
+    """The quality-check score of each tile: the robust z-score, within the slide, of the logarithm of its
+    reconstruction MSE. Both tails are artefacts: far above 0, tiles the autoencoder reconstructs much worse
+    than the slide's typical tile (pen, debris); far below, much better than any tissue (out of focus,
+    blurred: a blurred tile loses the detail that makes tissue hard to reconstruct)."""
+    return robust_z(np.log(np.maximum(np.asarray(qc_mse, dtype=np.float64), MIN_MSE)))
 
 
 def embed(features, kept, pca_dims):
@@ -137,10 +140,10 @@ def sample(labels, groups, fraction, rng):
 
 def select(features, settings, name, qc_mse=None):
     """The Selection of one slide's features (N x D, rows in canonical order); qc_mse: each tile's
-    reconstruction MSE, or None. With settings.qc > 0 the tiles whose qc_score exceeds it are left out."""
+    reconstruction MSE, or None. With settings.qc > 0 the tiles whose |qc_score| exceeds it are left out."""
     n = len(features)
     score = qc_score(qc_mse) if qc_mse is not None else np.full(n, np.nan)
-    outlier = score > settings.qc if settings.qc > 0 and qc_mse is not None else np.zeros(n, dtype=bool)
+    outlier = np.abs(score) > settings.qc if settings.qc > 0 and qc_mse is not None else np.zeros(n, dtype=bool)
     kept = np.flatnonzero(~outlier)
     state = slide_seed(settings.seed, name)
     x, pca2 = embed(features, kept, settings.pca_dims)
