@@ -18,6 +18,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from core.errors import UserError
+
 N_INIT = 3  # k-means restarts, as DeepCluster++; the best of them by inertia is kept
 MAD_TO_SD = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 MIN_MSE = 1e-12  # a perfect reconstruction's MSE, 0, is counted as this for its logarithm
@@ -145,6 +147,8 @@ def select(features, settings, name, qc_mse=None):
     score = qc_score(qc_mse) if qc_mse is not None else np.full(n, np.nan)
     outlier = np.abs(score) > settings.qc if settings.qc > 0 and qc_mse is not None else np.zeros(n, dtype=bool)
     kept = np.flatnonzero(~outlier)
+    if not len(kept):
+        raise UserError(f"select_qc = {settings.qc} leaves out every tile of {name}: use a larger threshold (3 or more)")
     state = slide_seed(settings.seed, name)
     x, pca2 = embed(features, kept, settings.pca_dims)
     k = min(settings.clusters or math.ceil(math.sqrt(len(kept))), len(kept))
