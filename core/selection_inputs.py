@@ -1,7 +1,6 @@
 """The inputs of Select_Tiles.py: the per-slide .h5 feature files of Extract_Features.py's slide mode, or
 the features CSV of its tile-folder mode split into slides, each read into rows in a canonical order."""
 import os
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,10 +8,9 @@ import pandas as pd
 
 from core.errors import UserError
 from core.outputs import printable
+from core.slides import parse_tile_name, tile_name
 
 FEATURE_PREFIX = "Feature_"
-# How Prepare_Tiles.py and the slide mode name tiles: <slide>_x<X>_y<Y>
-TILE_NAME = re.compile(r"^(?P<slide>.+)_x(?P<x>\d+)_y(?P<y>\d+)$")
 
 
 @dataclass
@@ -74,8 +72,6 @@ def load_h5(path):
     is incomplete or its datasets do not fit together."""
     import h5py
 
-    from core import slides
-
     try:
         with h5py.File(path, "r") as handle:
             if not handle.attrs.get("complete", False):
@@ -94,7 +90,7 @@ def load_h5(path):
     order = np.lexsort((coords[:, 0], coords[:, 1]))
     x, y = coords[order, 0], coords[order, 1]
     stem = os.path.splitext(os.path.basename(path))[0]
-    return SlideData([slides.tile_name(stem, a, b) for a, b in zip(x, y)], features[order], x, y,
+    return SlideData([tile_name(stem, a, b) for a, b in zip(x, y)], features[order], x, y,
                      *(None if qc[key] is None else qc[key][order] for key in ("qc_mse", "qc_ssim")),
                      slide_path=str(attrs["slide_path"]), slide_mpp=mpp,
                      side0=int(attrs["tile_side_level0"]), tile_size=int(attrs["tile_size"]))
@@ -140,11 +136,18 @@ def csv_slide_names(paths):
     root = os.path.commonpath(parents)
     names = []
     for path, parent in zip(paths, parents):
-        match = TILE_NAME.match(os.path.splitext(os.path.basename(path))[0])
         relative = os.path.relpath(parent, root).split(os.sep)[0]
-        folder = relative if relative != "." else os.path.basename(root)
-        names.append(match["slide"] if match else folder)
+        names.append(named_tile(path)[0] or (relative if relative != "." else os.path.basename(root)))
     return names
+
+
+def named_tile(path):
+    """(slide, x, y) of a tile file named <slide>_x<X>_y<Y> (as Prepare_Tiles.py and the slide mode name
+    them); (None, None, None) for any other name."""
+    try:
+        return parse_tile_name(os.path.basename(path))
+    except ValueError:
+        return None, None, None
 
 
 def csv_slide(rows, columns):
@@ -154,8 +157,8 @@ def csv_slide(rows, columns):
     features = rows[columns].to_numpy(dtype=np.float32)
     if not np.isfinite(features).all():
         raise UserError("the features CSV holds NaN or infinite values for this slide: rerun Extract_Features.py")
-    matches = [TILE_NAME.match(os.path.splitext(os.path.basename(p))[0]) for p in paths]
+    named = [named_tile(p) for p in paths]
     x = y = None
-    if all(matches):
-        x, y = (np.array([int(m[axis]) for m in matches], dtype=np.int64) for axis in ("x", "y"))
+    if all(slide for slide, _, _ in named):
+        x, y = (np.array([place[axis] for place in named], dtype=np.int64) for axis in (1, 2))
     return SlideData([printable(p) for p in paths], features, x, y, tile_paths=paths)

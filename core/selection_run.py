@@ -32,22 +32,21 @@ THUMBNAIL_SIDE = 1600  # pixels of the thumbnail's longer side in the picture
 
 
 def task_share():
-    """(index, count) of this process among those sharing the slides: a SLURM array task, a torchrun
-    process, or (0, 1)."""
+    """(index, count) of this process among all that share the slides: torchrun's RANK/WORLD_SIZE within each
+    task of a SLURM job array (the same rule as Extract_Features.py's slide mode), or (0, 1)."""
     env = os.environ
     try:
-        if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
-            step = int(env.get("SLURM_ARRAY_TASK_STEP", "1"))
-            index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))) // step
-            count = int(env["SLURM_ARRAY_TASK_COUNT"])
-        else:
-            index, count = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UserError("SLURM_ARRAY_TASK_* or RANK/WORLD_SIZE in the environment are not whole numbers") from None
-    if not 0 <= index < count:
-        raise UserError(f"this process is task {index} of {count} (from SLURM_ARRAY_TASK_* or RANK/WORLD_SIZE): "
-                        "the index must be from 0 to the count minus one")
-    return index, count
+        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
+        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
+        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // max(step, 1)
+        tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    except ValueError as err:
+        raise UserError(f"cannot read this process's place from the environment ({err}): check RANK, "
+                        "WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT") from None
+    if not (0 <= rank < world and 0 <= task < tasks):
+        raise UserError(f"RANK={rank} of WORLD_SIZE={world}, SLURM array task {task} of {tasks}: out of range; "
+                        "check RANK, WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT")
+    return task * world + rank, tasks * world
 
 
 def fingerprint(path, known=None):
