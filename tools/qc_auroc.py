@@ -1,12 +1,14 @@
 """How well the reconstruction-error quality check tells artefact tiles from clean tissue.
 
-    python tools/qc_auroc.py [TILE_FOLDER] [MODEL.pth] [OUT.csv]
+    python tools/qc_auroc.py [TILES] [MODEL.pth] [OUT.csv]
+    python tools/qc_auroc.py sample_slides/cmu_small_region.svs
 
-Takes the clean tiles of TILE_FOLDER (default input_images), makes three artefact copies of each with numpy
+Takes the clean tiles of TILES (default input_images): a folder of tiles, or a slide, cut into the 256 px
+tiles at 0.5 um/px, without overlap, that are at least half tissue (as the slide mode cuts them). Makes three artefact copies of each with numpy
 (blurred: Gaussian blur; pen: a thick coloured stroke; folded: a darkened, more saturated band),
 reconstructs all of them with MODEL (default the shipped SSIM model) on the CPU, and prints, per artefact
 kind, the AUROC of each score separating the artefact tiles from the clean ones: the reconstruction MSE,
-1 - SSIM, and the quality check's own score (|robust z| of log MSE over the whole pool). Per-tile values go
+1 - SSIM, and the quality check's own score, |robust z| of log MSE, referenced to the clean tiles. Per-tile values go
 to OUT (default qc_auroc.csv).
 """
 import os
@@ -18,7 +20,7 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from core import selection  # noqa: E402
+from core import selection, slides  # noqa: E402
 from core.cli import run_main  # noqa: E402
 from core.errors import UserError  # noqa: E402
 from core.inference import load_model, reconstruct  # noqa: E402
@@ -88,15 +90,24 @@ def reconstruction_errors(model, tiles, batch=8):
 
 
 def score_table(tiles, model_path, tile_size=256, seed=0):
-    """One row per tile and kind: Kind, Tile, QC_MSE, QC_SSIM, QC_Score (selection.qc_score over the pool)."""
+    """One row per tile and kind: Kind, Tile, QC_MSE, QC_SSIM, QC_Score (clean_referenced_score)."""
     model = load_model(model_path, torch.device("cpu"))
     rows = []
     for kind, images in artefacts(tiles, seed).items():
         mse, ssim = reconstruction_errors(model, images)
         rows += [{"Kind": kind, "Tile": i, "QC_MSE": m, "QC_SSIM": s} for i, (m, s) in enumerate(zip(mse, ssim))]
     frame = pd.DataFrame(rows)
-    frame["QC_Score"] = selection.qc_score(frame["QC_MSE"].to_numpy())
+    frame["QC_Score"] = clean_referenced_score(frame)
     return frame
+
+
+def clean_referenced_score(frame):
+    """selection.qc_score with the median and spread of the clean tiles: the score on a slide where
+    artefacts are rare, so that they do not move the slide's median."""
+    logs = np.log(np.maximum(frame["QC_MSE"].to_numpy(dtype=np.float64), selection.MIN_MSE))
+    clean = logs[(frame["Kind"] == "clean").to_numpy()]
+    median = np.median(clean)
+    return (logs - median) / (selection.MAD_TO_SD * np.median(np.abs(clean - median)))
 
 
 def auroc_table(frame):
@@ -114,7 +125,18 @@ def auroc_table(frame):
     return pd.DataFrame(rows)
 
 
+def slide_tiles(path, tile_size=256, target_mpp=0.5, tissue_fraction=0.5):
+    """The tissue tiles of a slide, cut as the slide mode cuts them."""
+    with slides.open_slide(path) as slide:
+        grid = slides.tile_grid(slide, tile_size, tile_size, target_mpp, tissue_fraction)
+        return [slide.read_region(int(x), int(y), grid.side0, grid.side0, tile_size, tile_size)
+                for x, y in grid.coords]
+
+
 def load_tiles(folder, tile_size=256):
+    """Clean tiles as H x W x 3 uint8 arrays: a slide's tissue tiles, or the images in a folder."""
+    if os.path.isfile(folder) and folder.lower().endswith(slides.SLIDE_SUFFIXES):
+        return slide_tiles(folder, tile_size)
     paths = ImageFolder(folder, tile_size).paths
     if not paths:
         raise UserError(f"no tiles in {folder!r}: give a folder of clean tissue tiles")
@@ -124,7 +146,7 @@ def load_tiles(folder, tile_size=256):
 def main():
     args = sys.argv[1:]
     if len(args) > 3:
-        raise UserError("usage: python tools/qc_auroc.py [TILE_FOLDER] [MODEL.pth] [OUT.csv]")
+        raise UserError("usage: python tools/qc_auroc.py [TILES] [MODEL.pth] [OUT.csv]")
     folder, model_path, out = (args + [None] * 3)[:3]
     frame = score_table(load_tiles(folder or "input_images"), model_path or DEFAULT_MODEL)
     frame.to_csv(out or "qc_auroc.csv", index=False)
