@@ -102,9 +102,8 @@ def embed(features, kept, pca_dims):
 def cluster(x, k, random_state):
     """k-means labels of the rows of x, numbered by the first row of each cluster (so that the numbers do not
     depend on k-means' internal order), and each row's distance to its cluster's centre."""
-    with warnings.catch_warnings(), threadpool_limits(limits=1):
-        # Several threads add up partial sums in whatever order they finish: one thread gives the same
-        # clusters on every machine. Fewer distinct tiles than k (duplicates) is allowed: fewer clusters.
+    with warnings.catch_warnings():
+        # Fewer distinct tiles than k (duplicates) is allowed: fewer clusters.
         warnings.simplefilter("ignore", ConvergenceWarning)
         kmeans = KMeans(n_clusters=k, n_init=N_INIT, random_state=random_state).fit(x)
     raw = kmeans.labels_
@@ -142,7 +141,14 @@ def sample(labels, groups, fraction, rng):
 
 def select(features, settings, name, qc_mse=None):
     """The Selection of one slide's features (N x D, rows in canonical order); qc_mse: each tile's
-    reconstruction MSE, or None. With settings.qc > 0 the tiles whose |qc_score| exceeds it are left out."""
+    reconstruction MSE, or None. With settings.qc > 0 the tiles whose |qc_score| exceeds it are left out.
+    Runs on one thread: several threads add up k-means' and BLAS's partial sums in whatever order they
+    finish, which moves results in the last bits and can then move a tile to another cluster."""
+    with threadpool_limits(limits=1):
+        return _select(features, settings, name, qc_mse)
+
+
+def _select(features, settings, name, qc_mse):
     n = len(features)
     score = qc_score(qc_mse) if qc_mse is not None else np.full(n, np.nan)
     outlier = np.abs(score) > settings.qc if settings.qc > 0 and qc_mse is not None else np.zeros(n, dtype=bool)

@@ -28,7 +28,8 @@ class SlideInput:
 class SlideData:
     """A slide's rows in canonical order: tile names, features (N x D), level-0 X and Y (or None), each
     tile's QC values (or None), and where its pixels come from: the slide file and tile geometry (.h5), or
-    one image file per tile (CSV)."""
+    one image file per tile (CSV). cell0: the level-0 side each tile is drawn with in the picture (the stride,
+when tiles overlap)."""
     tiles: list
     features: np.ndarray
     x: np.ndarray = None
@@ -38,6 +39,7 @@ class SlideData:
     slide_path: str = None
     slide_mpp: float = 0.0
     side0: int = 0
+    cell0: int = 0
     tile_size: int = 0
     tile_paths: list = field(default_factory=list)
 
@@ -82,6 +84,7 @@ def load_h5(path):
             qc = {key: np.asarray(handle[key], dtype=np.float32) if key in handle else None
                   for key in ("qc_mse", "qc_ssim")}
             attrs = {key: handle.attrs[key] for key in ("slide_path", "tile_side_level0", "tile_size")}
+            stride0 = int(handle.attrs.get("tile_stride_level0", attrs["tile_side_level0"]))
             mpp = float(handle.attrs.get("slide_mpp", 0.0))
     except (OSError, KeyError) as err:
         raise UserError(f"{path}: not a readable slide feature file ({err}): rerun Extract_Features.py "
@@ -93,7 +96,8 @@ def load_h5(path):
     return SlideData([tile_name(stem, a, b) for a, b in zip(x, y)], features[order], x, y,
                      *(None if qc[key] is None else qc[key][order] for key in ("qc_mse", "qc_ssim")),
                      slide_path=str(attrs["slide_path"]), slide_mpp=mpp,
-                     side0=int(attrs["tile_side_level0"]), tile_size=int(attrs["tile_size"]))
+                     side0=int(attrs["tile_side_level0"]), cell0=min(stride0, int(attrs["tile_side_level0"])),
+                     tile_size=int(attrs["tile_size"]))
 
 
 def check_shapes(path, features, coords, qc):

@@ -14,22 +14,24 @@ SELECTED_EDGE = "black"
 
 
 def cluster_colours(clusters):
-    """RGBA per cluster label (-1, left out, is grey); 20 colours that repeat beyond 20 clusters."""
-    palette = colormaps["tab20"]
+    """RGBA per cluster label (-1, left out, is grey); 10 distinct colours, or 20 (in lighter and darker
+    pairs) that repeat beyond 20 clusters."""
+    palette = colormaps["tab10" if clusters.max(initial=0) < 10 else "tab20"]
     colours = np.array([palette(int(label) % palette.N) for label in np.maximum(clusters, 0)])
     colours[clusters < 0] = (0.6, 0.6, 0.6, 1.0)
     return colours
 
 
 def draw_map(axes, data, result, colours, thumbnail):
-    """Tiles at their level-0 positions, over the thumbnail (an (image, scale) pair) when there is one."""
+    """Tiles at their level-0 positions, over the thumbnail (an (image, scale) pair) when there is one;
+    overlapping tiles are drawn as the cells of their stride, so that each stays visible."""
     scale = 1.0
     if thumbnail is not None:
         image, scale = thumbnail
         axes.imshow(image, interpolation="bilinear")
     x, y = data.x * scale, data.y * scale
-    if data.side0:
-        side = data.side0 * scale
+    if data.cell0:
+        side = data.cell0 * scale
         tiles = [Rectangle((a, b), side, side) for a, b in zip(x, y)]
         axes.add_collection(PatchCollection(tiles, facecolors=colours, alpha=0.45, linewidths=0))
         outlined = [Rectangle((a, b), side, side) for a, b in zip(x[result.selected], y[result.selected])]
@@ -39,10 +41,11 @@ def draw_map(axes, data, result, colours, thumbnail):
         axes.scatter(x, y, c=colours, s=12, marker="s", linewidths=0)
         axes.scatter(x[result.selected], y[result.selected], s=12, marker="s", facecolors="none",
                      edgecolors=SELECTED_EDGE, linewidths=0.8)
-    axes.scatter(x[result.outlier], y[result.outlier], marker="x", color=LEFT_OUT, s=18, linewidths=1)
+    axes.scatter(x[result.outlier], y[result.outlier], marker="x", color=LEFT_OUT, s=40, linewidths=1.5)
     if thumbnail is None:
-        axes.set_xlim(x.min() - 1, x.max() + 1 + data.side0)
-        axes.set_ylim(y.max() + 1 + data.side0, y.min() - 1)
+        margin = 0.05 * max(np.ptp(x), np.ptp(y), 1)
+        axes.set_xlim(x.min() - margin, x.max() + margin)
+        axes.set_ylim(y.max() + margin, y.min() - margin)
     axes.set_aspect("equal")
     axes.set_axis_off()
 
