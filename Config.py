@@ -59,11 +59,13 @@ reconstruction_metrics_ssim = "reconstructed_images/validation_reconstruction_me
 #------------------------------------------------------------------
 # Cutting a slide into tiles (Prepare_Tiles.py)
 #------------------------------------------------------------------
-slide_path = "slide.svs"            # image or whole-slide file to cut (anything Pillow opens; openslide for pyramids)
+slide_path = "sample_slides/cmu_small_region.svs"  # whole-slide file (SVS, NDPI, MRXS, TIFF ...) or PNG/JPEG/TIFF image to cut
 tiles_output_folder = "training_tiles"  # where Prepare_Tiles.py writes <slide>_x<X>_y<Y>.png tiles
-tile_stride = 256                   # pixels between neighbouring tile origins (below tile_size = overlapping tiles)
-tissue_fraction = 0.5               # keep a tile when at least this fraction of its pixels is tissue
-background_gray = 220               # a pixel whose mean of R, G, B is at least this counts as glass background
+tile_stride = 256                   # pixels at target_mpp between neighbouring tile origins (below tile_size = overlapping tiles)
+target_mpp = 0.5                    # microns per pixel of the tiles (0.5 = 20x, 0.25 = 40x), read from the best pyramid level
+slide_mpp = 0.0                     # microns per pixel of the slide at full resolution (0 = as the file records it)
+tissue_fraction = 0.5               # keep a tile when at least this fraction of its area is tissue in the slide's tissue mask
+background_gray = 220               # tissue mask: a pixel whose mean of R, G, B (0-255) is at least this is glass background
 exclude_tiles_in = "input_images"   # held-out tiles named <slide>_x<X>_y<Y>.png: their areas of that slide are not cut ("" = none)
 
 #------------------------------------------------------------------

@@ -2,128 +2,118 @@
 
     python Prepare_Tiles.py --slide_path=slide.svs --tiles_output_folder=training_tiles --tile_stride=128
 
-Tiles are tile_size x tile_size PNGs named <slide>_x<X>_y<Y>.png (pixel position of the top-left corner
-at full resolution). A tile is kept when at least tissue_fraction of its pixels are darker than
-background_gray. Tiles overlapping a tile of the same slide in exclude_tiles_in (named
-<slide>_x<X>_y<Y>.png; by default the held-out input_images/) are left out, so a held-out set stays held out.
+Tiles are tile_size x tile_size PNGs at target_mpp microns per pixel, read from the slide's best pyramid
+level (core/slides.py), named <slide>_x<X>_y<Y>.png after the level-0 position of their top-left corner.
+A tile is kept when at least tissue_fraction of it is tissue in the slide's tissue mask. Tiles overlapping a
+tile of the same slide in exclude_tiles_in (by default the held-out input_images/) are left out, so a held-out
+set stays held out. A folder holds one cutting of a slide: .<slide>_tiles.json beside the tiles records it.
 """
+import json
 import os
-import re
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from Dataset import PILLOW_FORMATS, upright_rgb
-from core.errors import UserError
 from core.cli import run_main
-from core.outputs import check_writable, printable, write_png
-
-_POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)
-_PYRAMID_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")
-_PILLOW_PIXEL_LIMIT = 400_000_000
+from core.errors import UserError
+from core.outputs import atomic_write, check_writable, printable, write_png
+from core.slides import SlideError, open_slide, parse_tile_name, tile_grid, tile_name, tissue_mask
 
 
-class PillowSlide:
-    """The full-resolution image through Pillow: fine for regions up to a few hundred megapixels. It is read
-    as tiles are (Dataset.upright_rgb): EXIF rotation applied, transparency on white, 16-bit scaled."""
-
-    def __init__(self, path):
-        Image.MAX_IMAGE_PIXELS = _PILLOW_PIXEL_LIMIT
-        try:
-            # No with-block: closing would free the pixels, which upright_rgb keeps when they are RGB already.
-            self.image = upright_rgb(Image.open(path, formats=PILLOW_FORMATS))
-        except Image.DecompressionBombError:
-            raise UserError(f"{path!r} is too large to load whole: install openslide "
-                            "(pip install openslide-python openslide-bin) and rerun")
-        except (OSError, ValueError, SyntaxError) as err:
-            raise UserError(f"cannot read {path!r} ({printable(err)}): is it a PNG, JPEG, TIFF, BMP, GIF or "
-                            "WebP image, or a slide file for openslide?")
-        self.size = self.image.size
-
-    def region(self, x, y, size):
-        return self.image.crop((x, y, x + size, y + size))
-
-
-class OpenSlideSlide:
-    """Level 0 of a pyramidal whole-slide file, read region by region through openslide."""
-
-    def __init__(self, path, openslide):
-        try:
-            self.slide = openslide.OpenSlide(path)
-        except openslide.OpenSlideError as err:
-            raise UserError(f"openslide cannot read {path!r} ({err})")
-        self.size = self.slide.dimensions
-
-    def region(self, x, y, size):
-        rgba = self.slide.read_region((x, y), 0, (size, size))
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def open_slide(path):
-    if not os.path.exists(path):
-        raise UserError(f"slide {path!r} not found: set slide_path in Config.py or pass --slide_path=FILE")
-    if not os.path.isfile(path):
-        raise UserError(f"slide {path!r} is not a regular file (a folder, pipe or device): "
-                        "set slide_path to an image or slide file")
-    if path.lower().endswith(_PYRAMID_EXTENSIONS):
-        try:
-            import openslide
-            return OpenSlideSlide(path, openslide)
-        except ImportError:
-            print("openslide is not installed; reading the full-resolution image with Pillow "
-                  "(for large whole-slide files: pip install openslide-python openslide-bin).")
-    return PillowSlide(path)
-
-
-def excluded_boxes(folder, stem, tile_size):
-    """(x, y, x + size, y + size) of every tile of slide stem named in folder (<stem>_x<X>_y<Y>.png):
+def excluded_boxes(folder, stem, side0):
+    """(x, y, x + side0, y + side0) of every tile of slide stem named in folder (<stem>_x<X>_y<Y>.png):
     tiles named after another slide cover other tissue and exclude nothing."""
     if not folder:
-        return []
+        return np.zeros((0, 4), dtype=np.int64)
     if not os.path.isdir(folder):
         raise UserError(f"exclude_tiles_in={folder!r} is not a folder: give the folder of held-out tiles, "
                         "or pass --exclude_tiles_in= to exclude nothing")
-    boxes = []
-    for name in os.listdir(folder):
-        match = _POSITION.search(name)
-        if match and name[:match.start()] == stem:
-            x, y = int(match.group(1)), int(match.group(2))
-            boxes.append((x, y, x + tile_size, y + tile_size))
-    return boxes
+    corners = [(x, y) for tile_stem, x, y in map(_parsed, os.listdir(folder)) if tile_stem == stem]
+    return np.array([(x, y, x + side0, y + side0) for x, y in corners], dtype=np.int64).reshape(-1, 4)
 
 
-def tissue_share(tile, background_gray):
-    gray = np.asarray(tile, dtype=np.float32).mean(axis=2)
-    return float((gray < background_gray).mean())
+def _parsed(name):
+    try:
+        return parse_tile_name(name) if name.lower().endswith(".png") else (None, 0, 0)
+    except ValueError:
+        return None, 0, 0
+
+
+def overlapping(coords, boxes, side0):
+    """bool (N,): which tiles at coords (side0 square) overlap any of boxes."""
+    if not len(boxes) or not len(coords):
+        return np.zeros(len(coords), dtype=bool)
+    x, y = coords[:, :1], coords[:, 1:]
+    return ((x < boxes[:, 2]) & (boxes[:, 0] < x + side0) & (y < boxes[:, 3]) & (boxes[:, 1] < y + side0)).any(1)
+
+
+def cutting_record(cfg, slide, grid):
+    return {"slide": os.path.basename(cfg.slide_path), "tile_size": cfg.tile_size, "target_mpp": cfg.target_mpp,
+            "slide_mpp": slide.mpp, "tile_side_level0": grid.side0, "tile_stride_level0": grid.stride0}
+
+
+def check_cutting(folder, stem, record):
+    """Refuse to mix two cuttings of one slide in folder: its earlier tiles must come from the same tile size,
+    stride and resolution. Returns the record file's path."""
+    path = os.path.join(folder, f".{stem}_tiles.json")
+    if not any(_parsed(name)[0] == stem for name in os.listdir(folder)):
+        return path
+    try:
+        with open(path, encoding="utf-8") as handle:
+            earlier = json.load(handle)
+    except (OSError, ValueError):
+        earlier = None
+    keys = ("tile_size", "target_mpp", "slide_mpp", "tile_side_level0", "tile_stride_level0")
+    if earlier is None or any(earlier.get(key) != record[key] for key in keys):
+        was = ", ".join(f"{key}={earlier.get(key)}" for key in keys) if earlier else "an unrecorded cutting"
+        raise UserError(f"{folder!r} already holds tiles of {stem} from another cutting ({was}); this one is "
+                        + ", ".join(f"{key}={record[key]}" for key in keys)
+                        + ": choose another tiles_output_folder or move those tiles away")
+    return path
+
+
+def cut_tiles(slide, coords, cfg, side0, stem):
+    """Write each tile; a damaged region is one warning line and that tile is skipped. Returns (kept, damaged)."""
+    kept = damaged = 0
+    for x, y in tqdm(coords, desc="Tiling", unit="tile", dynamic_ncols=True):
+        try:
+            tile = slide.read_region(x, y, side0, side0, cfg.tile_size, cfg.tile_size)
+        except SlideError as err:
+            tqdm.write(f"warning: {err}; tile skipped")
+            damaged += 1
+            continue
+        write_png(os.path.join(cfg.tiles_output_folder, tile_name(stem, x, y) + ".png"), tile)
+        kept += 1
+    return kept, damaged
 
 
 def prepare_tiles(cfg):
-    size, stride = cfg.tile_size, cfg.tile_stride
-    if size < 1 or stride < 1:
-        raise UserError("tile_size and tile_stride must be at least 1")
     check_writable(cfg.tiles_output_folder)
-    slide = open_slide(cfg.slide_path)
     stem = os.path.splitext(os.path.basename(cfg.slide_path))[0]
-    excluded = excluded_boxes(cfg.exclude_tiles_in, stem, size)
-    width, height = slide.size
-    origins = [(x, y) for y in range(0, height - size + 1, stride) for x in range(0, width - size + 1, stride)]
-    kept = dropped_background = dropped_excluded = 0
-    for x, y in tqdm(origins, desc="Tiling", unit="tile", dynamic_ncols=True):
-        if any(x < bx1 and bx0 < x + size and y < by1 and by0 < y + size for bx0, by0, bx1, by1 in excluded):
-            dropped_excluded += 1
-            continue
-        tile = slide.region(x, y, size)
-        if tissue_share(tile, cfg.background_gray) < cfg.tissue_fraction:
-            dropped_background += 1
-            continue
-        write_png(os.path.join(cfg.tiles_output_folder, f"{stem}_x{x:06d}_y{y:06d}.png"), np.asarray(tile))
-        kept += 1
-    print(f"{printable(cfg.slide_path)}: {width} x {height} pixels, {len(origins)} positions; kept {kept} tiles "
-          f"in {printable(cfg.tiles_output_folder)}, dropped {dropped_background} mostly background"
-          + (f" and {dropped_excluded} overlapping {printable(cfg.exclude_tiles_in)}" if excluded else "") + ".")
+    with open_slide(cfg.slide_path, cfg.slide_mpp) as slide:
+        mask = tissue_mask(slide, cfg.background_gray)
+        for damage in slide.damaged_regions:
+            print(f"warning: {printable(damage)}; no tiles there")
+        grid = tile_grid(slide, cfg.tile_size, cfg.tile_stride, cfg.target_mpp, 0.0, mask)
+        record = cutting_record(cfg, slide, grid)
+        record_path = check_cutting(cfg.tiles_output_folder, stem, record)
+        boxes = excluded_boxes(cfg.exclude_tiles_in, stem, grid.side0)
+        excluded = overlapping(grid.coords, boxes, grid.side0)
+        background = ~excluded & (grid.fractions < cfg.tissue_fraction)
+        atomic_write(record_path, lambda tmp: _write_json(tmp, record))
+        kept, damaged = cut_tiles(slide, grid.coords[~excluded & ~background], cfg, grid.side0, stem)
+        width, height = slide.dimensions
+    print(f"{printable(cfg.slide_path)}: {width} x {height} pixels at {slide.mpp:g} um/px, {len(grid.coords)} "
+          f"positions of {grid.side0} px; kept {kept} tiles in {printable(cfg.tiles_output_folder)}, dropped "
+          f"{int(background.sum())} mostly background"
+          + (f" and {int(excluded.sum())} overlapping {printable(cfg.exclude_tiles_in)}" if len(boxes) else "")
+          + (f"; skipped {damaged} in damaged regions" if damaged else "") + ".")
     return kept
+
+
+def _write_json(path, record):
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ SCRIPT_KEYS = {
                      model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
                    folder_path_features model_path_ssim features_output""".split(),
-    "tiles": """keep_freed_memory tile_size tile_stride slide_path tiles_output_folder tissue_fraction
-                background_gray exclude_tiles_in""".split(),
+    "tiles": """keep_freed_memory tile_size tile_stride target_mpp slide_mpp slide_path tiles_output_folder
+                tissue_fraction background_gray exclude_tiles_in""".split(),
     "select": """keep_freed_memory seed features_output features_folder selection_folder select_pca_dims
                  select_clusters select_distance_groups select_fraction select_qc""".split(),
 }
@@ -86,6 +86,8 @@ RULES = {
     "val_fraction": Rule(float, low=0, below=1),
     "tissue_fraction": Rule(float, low=0, high=1),
     "background_gray": Rule(int, low=0, high=255),
+    "target_mpp": Rule(float, above=0, high=1000),
+    "slide_mpp": Rule(float, low=0, high=1000),
     "select_pca_dims": Rule(int, low=2),
     "select_clusters": Rule(int, low=0),
     "select_distance_groups": COUNT,

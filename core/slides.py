@@ -170,7 +170,7 @@ class Slide:
                     self.damaged_regions.append(str(err))
                     continue
                 reduced.paste(part.reduce(factor) if factor > 1 else part, (left // factor, top // factor))
-        return np.asarray(reduced.resize(size, Image.LANCZOS)), size[0] / self.dimensions[0]
+        return np.asarray(reduced.resize(size, Image.BOX)), size[0] / self.dimensions[0]
 
 
 def _on_white(rgba):
@@ -355,23 +355,23 @@ def tissue_pixels(rgb, background_gray=BACKGROUND_GRAY):
     return candidate & (saturation > MIN_SATURATION)
 
 
-def _drop_small(mask, min_pixels):
-    """mask without its connected parts smaller than min_pixels."""
+def _small_parts(mask, min_pixels, touching_edge=True):
+    """bool like mask: its connected parts smaller than min_pixels (touching_edge False: and not touching the
+    image's edge, which makes glass around the tissue no hole in it)."""
     from scipy import ndimage
     labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_pixels
-    keep[0] = False
-    return keep[labels]
+    small = np.bincount(labels.ravel(), minlength=count + 1) < min_pixels
+    small[0] = False
+    if not touching_edge:
+        small[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = False
+    return small[labels]
 
 
 def clean_mask(mask, mask_mpp):
     """Specks dropped and small holes filled; areas given in square microns, so any mask resolution agrees."""
     pixel_um2 = mask_mpp * mask_mpp
-    mask = _drop_small(mask, SPECK_UM2 / pixel_um2)
-    return ~_drop_small(~mask, HOLE_UM2 / pixel_um2)
+    mask = mask & ~_small_parts(mask, SPECK_UM2 / pixel_um2)
+    return mask | _small_parts(~mask, HOLE_UM2 / pixel_um2, touching_edge=False)
 
 
 def tissue_mask(slide, background_gray=BACKGROUND_GRAY):
