@@ -10,7 +10,7 @@ Relative paths are relative to the folder you run the scripts from.
 #------------------------------------------------------------------
 GPUs = "0"                    # GPU ids: "0", "2,3", or "cpu"; without CUDA the scripts use the CPU
 num_workers = 4               # data-loading processes, at most one per CPU (0 = load in the main process)
-seed = 0                      # random seed for shuffling, augmentation and the validation split
+seed = 0                      # random seed for shuffling, augmentation, the validation split and Select_Tiles.py's sampling
 mixed_precision = "auto"      # "auto": bf16/fp16 on GPUs, bf16 training on CPUs with native bf16; "bf16"; "off" = fp32
 keep_freed_memory = "auto"    # glibc malloc keeps freed memory for reuse (faster on CPUs): "auto" (on without CUDA), True, False
 

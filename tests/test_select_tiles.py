@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import REPO, script_env
 from core import selection
-from core.cli import run_main
+from core.cli import load_config, run_main
+from core.errors import UserError
 from core.selection import Settings
 from core.selection_run import select_tiles
 from slides import make_20x
@@ -285,3 +286,15 @@ def test_features_csv_mode(tmp_path, select_here):
     assert list(summary["Slide"]) == ["alpha", "beta"] and list(summary["Tiles"]) == [20, 20]
     code, _, err = select_here(tmp_path, "--select_qc=3")
     assert code == 2 and err.startswith("error: select_qc") and len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_the_selection_settings(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_config(["--help"], "select")
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out
+    for key in ("features_folder", "selection_folder", "select_pca_dims", "select_clusters",
+                "select_distance_groups", "select_fraction", "select_qc", "seed", "features_output"):
+        assert f"--{key}=" in shown
+    with pytest.raises(UserError, match="select_fraction"):
+        load_config(["--select_fraction=0"], "select")
