@@ -95,7 +95,9 @@ def embed(features, kept, pca_dims):
         x = PCA(n_components=dims, svd_solver="covariance_eigh").fit(x[kept]).transform(x)
         return x, x[:, :2]
     components = min(2, len(kept), x.shape[1])
-    pca2 = PCA(n_components=components, svd_solver="full").fit(x[kept]).transform(x)
+    with warnings.catch_warnings():  # one tile, or identical ones, have no variance to divide by: plotted at 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pca2 = PCA(n_components=components, svd_solver="full").fit(x[kept]).transform(x)
     return x, np.pad(pca2, ((0, 0), (0, 2 - components)))
 
 
