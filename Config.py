@@ -10,7 +10,7 @@ Relative paths are relative to the folder you run the scripts from.
 #------------------------------------------------------------------
 GPUs = "0"                    # GPU ids: "0", "2,3", or "cpu"; without CUDA the scripts use the CPU
 num_workers = 4               # data-loading processes, at most one per CPU (0 = load in the main process)
-seed = 0                      # random seed for shuffling, augmentation and the validation split
+seed = 0                      # random seed for shuffling, augmentation, the validation split and Select_Tiles.py's sampling
 mixed_precision = "auto"      # "auto": bf16/fp16 on GPUs, bf16 training on CPUs with native bf16; "bf16"; "off" = fp32
 keep_freed_memory = "auto"    # glibc malloc keeps freed memory for reuse (faster on CPUs): "auto" (on without CUDA), True, False
 
@@ -73,3 +73,14 @@ exclude_tiles_in = "input_images"   # held-out tiles named <slide>_x<X>_y<Y>.png
 #------------------------------------------------------------------
 folder_path_features = "input_images"      # tiles to describe, searched recursively
 features_output = "features/features.csv"  # CSV Feature_1..Feature_512,File_Path; .npy, paths and PCA plot beside it
+
+#------------------------------------------------------------------
+# Representative tiles per slide, DeepCluster++'s selection (Select_Tiles.py)
+#------------------------------------------------------------------
+features_folder = "features"        # per-slide <slide>.h5 feature files of Extract_Features.py's slide mode, searched recursively
+selection_folder = "selected_tiles" # where Select_Tiles.py writes each slide's table, selected tiles and picture
+select_pca_dims = 256               # principal components kept before k-means (slides with fewer tiles skip PCA)
+select_clusters = 0                 # k-means clusters per slide (0 = ceil(sqrt(tiles)))
+select_distance_groups = 5          # equal-size groups per cluster by distance to its centre
+select_fraction = 0.2               # share of each distance group selected (at least one tile per group)
+select_qc = 0.0                     # leave out tiles whose reconstruction error is an outlier: robust z-score threshold (0 = off)

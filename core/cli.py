@@ -28,9 +28,12 @@ SCRIPT_KEYS = {
                    folder_path_features model_path_ssim features_output""".split(),
     "tiles": """keep_freed_memory tile_size tile_stride target_mpp slide_mpp slide_path tiles_output_folder
                 tissue_fraction background_gray exclude_tiles_in""".split(),
+    "select": """keep_freed_memory seed features_output features_folder selection_folder select_pca_dims
+                 select_clusters select_distance_groups select_fraction select_qc""".split(),
 }
 SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
-                "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py"}
+                "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py",
+                "select": "Select_Tiles.py"}
 LOSS_NAMES = ("mse", "ssim")
 
 
@@ -64,7 +67,7 @@ RULES = {
                        training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
                        recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
                        slide_path tiles_output_folder exclude_tiles_in folder_path_features
-                       features_output""".split(), TEXT),
+                       features_output features_folder selection_folder""".split(), TEXT),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
     **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
@@ -85,6 +88,11 @@ RULES = {
     "background_gray": Rule(int, low=0, high=255),
     "target_mpp": Rule(float, above=0, high=1000),
     "slide_mpp": Rule(float, low=0, high=1000),
+    "select_pca_dims": Rule(int, low=2),
+    "select_clusters": Rule(int, low=0),
+    "select_distance_groups": COUNT,
+    "select_fraction": Rule(float, above=0, high=1),
+    "select_qc": Rule(float, low=0),
 }
 _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
