@@ -92,6 +92,7 @@ def evaluate(cfg, loss_name):
           f"{run.device} in {precision_name(run.amp_dtype)}.")
 
     rows, skips, pending = [], SkipLog(), collections.deque()
+    skips.add_left_out(run.dataset.left_out)
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
     bar = tqdm(start_batches(run.loader), total=len(run.loader), desc="Evaluating", unit="batch",
                dynamic_ncols=True, leave=False)

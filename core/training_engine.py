@@ -165,6 +165,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)
+    run.skips.add_left_out(dataset.left_out)
     training_state.start_or_resume(run)
     run.model = ddp.wrap(raw_model, cfg.compile_model)
     training_data.build_loaders(run, dataset, train_idx, val_idx)
