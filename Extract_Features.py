@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from core import inference
+from core import run_lock
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
@@ -203,7 +204,9 @@ def extract_features(cfg):
 
 
 def main():
-    run_main(extract_features, "features")
+    # One extraction at a time per output (run_lock): a second one writing the same files is refused.
+    run_main(lambda cfg: run_lock.call_locked(extract_features, cfg, cfg.features_output, "features_output"),
+             "features")
 
 
 if __name__ == "__main__":
