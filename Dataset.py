@@ -205,6 +205,12 @@ def check_png_complete(data):
                          "truncated or damaged; copy it again")
 
 
+def _ends_in_an_empty_row(img):
+    """Whether either of the last two rows of a decoded image holds only zeros (read without a copy of the rest)."""
+    tail = np.asarray(img.crop((0, max(0, img.height - 2), img.width, img.height)))
+    return not tail.reshape(len(tail), -1).any(axis=1).all()
+
+
 def _orientation(img, name):
     """The transpose that turns img upright by its EXIF orientation, or None. Damaged EXIF data is no reason
     to lose the tile: its orientation is ignored, with one warning per file."""
@@ -233,13 +239,16 @@ def load_image(path, tile_size):
     EXIF orientation is applied; a non-square image is centre-cropped to a square before resizing.
     A huge image is held in memory about once: JPEGs are decoded downscaled, and nothing is copied."""
     data = read_tile_file(path)
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        check_png_complete(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's warnings (EXIF, palette) are not the user's problem
         # Everything happens inside the with: img may be the opened image itself, which closing frees.
         with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as img:
             img.draft("RGB", (tile_size, tile_size))
+            img.load()
+            # Rows a PNG lacks stay zero, the last ones first (the last Adam7 pass holds every other row):
+            # only a PNG ending in an empty row is inflated once more to count its rows.
+            if img.format == "PNG" and _ends_in_an_empty_row(img):
+                check_png_complete(data)
             img = upright_rgb(img, path)
             width, height = img.size
             if width != height:

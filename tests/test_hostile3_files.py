@@ -230,8 +230,9 @@ def png_chunk(kind, body):
 
 
 def short_png(side=300, rows=10, interlace=0):
-    """A PNG whose header declares side x side pixels and whose complete zlib stream holds `rows` rows."""
-    rgb = tile_array(5, side)
+    """A PNG whose header declares side x side pixels and whose complete zlib stream holds `rows` rows (of the
+    first Adam7 pass, every eighth pixel of every eighth row, when interlaced)."""
+    rgb = tile_array(5, side)[::8, ::8] if interlace else tile_array(5, side)
     raw = b"".join(b"\0" + rgb[row].tobytes() for row in range(rows))
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, interlace)
     return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw))
