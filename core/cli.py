@@ -265,7 +265,7 @@ def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
-    Exit codes: a UserError is one line `error: ...` on stderr (from rank 0 only under torchrun), exit 2; an interrupt (KeyboardInterrupt,
+    Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only), exit 2; an interrupt (KeyboardInterrupt,
     with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
     exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
     quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
@@ -283,9 +283,10 @@ def run_main(main, script=None, loss=None, argv=None):
             main(cfg)
         sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
     except UserError as err:
-        # Under torchrun every process meets the same problem: rank 0 alone reports it, unless it is one of
-        # this process alone (a RankError: its GPU).
-        if os.environ.get("RANK", "0") == "0" or isinstance(err, RankError):
+        # Under torchrun every process meets the same problem: the first process of each machine alone
+        # reports it (one line on one machine; a folder missing on one machine of several is still named),
+        # unless it is one of this process alone (a RankError: its GPU).
+        if os.environ.get("LOCAL_RANK", "0") == "0" or isinstance(err, RankError):
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:

@@ -60,15 +60,21 @@ def check_target(path):
     check_not_read_only(path)
 
 
-def check_not_read_only(path):
-    """Refuse (UserError) to replace an existing file whose permission bits grant nobody write access
-    (chmod a-w, mode 444): the user made it read-only to keep it. The mode bits are read directly, since
-    os.access says yes to root whatever they are."""
+def is_read_only(path):
+    """Whether path is an existing regular file whose permission bits grant nobody write access (chmod a-w,
+    mode 444): the user made it read-only to keep it. The mode bits are read directly, since os.access says
+    yes to root whatever they are."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return
-    if stat.S_ISREG(mode) and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        return False
+    return stat.S_ISREG(mode) and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def check_not_read_only(path):
+    """Refuse (UserError) to replace a read-only file (is_read_only)."""
+    if is_read_only(path):
+        mode = os.stat(path).st_mode
         raise UserError(f"refusing to replace {path!r}: it is read-only (mode {stat.S_IMODE(mode):04o}); "
                         "make it writable (chmod u+w) or choose another file name")
 

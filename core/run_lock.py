@@ -3,7 +3,8 @@ feature extraction writing the same files, would interleave their checkpoints an
 
 The lock is fcntl.flock on a small file beside the outputs, held open for the life of the run. The kernel
 releases it when the process ends, however it ends (kill -9 included), so a crashed run never leaves it
-stuck; the file itself stays (holding the id of the last process that locked it), harmless once unlocked. Under DDP only rank 0 takes it.
+stuck. A run that ends removes the file; one killed leaves it, unlocked and harmless. Under DDP only
+rank 0 takes it.
 """
 import contextlib
 import os
@@ -32,32 +33,52 @@ def _holder(handle):
     return handle.read(20).strip()
 
 
-@contextlib.contextmanager
-def hold(output, setting, folder=False, enabled=True):
-    """Hold the lock of output (a file path, or an existing folder with folder=True) for the with-block; a
-    UserError naming setting when another live process holds it. enabled=False (ranks other than 0) holds
-    nothing."""
-    if not enabled or fcntl is None:
-        yield
-        return
-    path = lock_path(output, folder)
-    try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        handle = open(path, "a+")
-    except OSError as err:
-        raise UserError(f"cannot create the lock file {path!r} ({err.strerror}): check the folder's permissions") from None
-    with handle:
+def _locked_file(path, output, setting):
+    """The lock file at path, opened and locked; UserError when another live process holds it. A file the
+    previous holder removed while this process waited is not the lock any more: then the lock is taken anew."""
+    while True:
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as err:
+            raise UserError(f"cannot create the lock file {path!r} ({err.strerror}): check the folder's "
+                            "permissions") from None
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _holder(handle)
+            handle.close()
             raise UserError(f"{setting}={output!r} is in use by another run{f' (process {holder})' if holder else ''}: "
                             f"wait for it to finish, or give {setting} another path") from None
+        try:
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return handle
+        handle.close()
+
+
+@contextlib.contextmanager
+def hold(output, setting, folder=False, enabled=True):
+    """Hold the lock of output (a file path, or an existing folder with folder=True) for the with-block; a
+    UserError naming setting when another live process holds it. enabled=False (ranks other than 0) holds
+    nothing. The lock file is removed when the block ends (a killed run leaves it, unlocked and harmless)."""
+    if not enabled or fcntl is None:
+        yield
+        return
+    path = lock_path(output, folder)
+    handle = _locked_file(path, output, setting)
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
         handle.flush()
         yield
+    finally:
+        with contextlib.suppress(OSError):  # removed while still locked: no other process can take it meanwhile
+            os.remove(path)
+        handle.close()
 
 
 def call_locked(function, cfg, output, setting):

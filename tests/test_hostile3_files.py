@@ -80,6 +80,23 @@ def test_an_unreadable_subfolder_is_in_the_features_skipped_list(tmp_path, make_
     assert listed[0] == "Path,Reason" and listed[1].startswith(f"{folder / 'locked'},folder not readable")
 
 
+def test_an_unreadable_subfolder_is_counted_in_the_training_summary(tmp_path, make_tiles, monkeypatch, capsys):
+    from core import training_engine
+    folder = tmp_path / "tiles"
+    make_tiles(folder, ["a.png", "b.png", "c.png", "d.png", "locked/e.png"], size=TILE)
+    deny_listing(monkeypatch, [folder / "locked"])
+    training_engine.train(load_config([
+        f"--folder_path_train={folder}", f"--tile_size={TILE}", "--batch_size_train=4", "--num_epochs=1",
+        "--num_workers=0", "--GPUs=cpu", "--augment=false", "--val_fraction=0", "--cache_tiles=false",
+        f"--model_saved_location_mse={tmp_path / 'ckpt'}", f"--training_loss_file_mse={tmp_path / 'loss.csv'}"],
+        "training", "mse"), "mse")
+    out = capsys.readouterr().out
+    assert "Training on 4 tiles" in out and "1 unreadable file(s) skipped" in out
+    assert [line for line in out.splitlines() if line.startswith("warning:")] == [
+        f"warning: skipped {folder / 'locked'}: folder not readable (permission denied): the files in it were "
+        "not searched; fix its permissions"]
+
+
 def test_an_unreadable_image_folder_is_a_permission_error_not_an_empty_one(tmp_path, make_tiles, monkeypatch):
     folder = tmp_path / "tiles"
     make_tiles(folder, ["a.png"], size=TILE)

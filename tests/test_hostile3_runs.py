@@ -189,6 +189,15 @@ def test_a_read_only_final_model_stops_training_before_the_first_epoch(tmp_path,
     assert "Epoch 1/1" not in capsys.readouterr().out and final.read_bytes() == b"kept"
 
 
+def test_a_read_only_periodic_checkpoint_is_not_pruned(tmp_path):
+    from core import training_state
+    for epoch in (1, 2, 3):
+        (tmp_path / f"Model_AE_epoch_{epoch:03d}.pth").write_bytes(b"x")
+    (tmp_path / "Model_AE_epoch_001.pth").chmod(0o444)
+    training_state.prune_checkpoints(str(tmp_path), 1, 3)
+    assert sorted(os.listdir(tmp_path)) == ["Model_AE_epoch_001.pth", "Model_AE_epoch_003.pth"]
+
+
 # --- one run at a time --------------------------------------------------------------------------------------
 
 def holder(output, folder=False):
@@ -265,3 +274,4 @@ def test_the_lock_is_taken_again_in_the_same_process_once_released(tmp_path):
         with pytest.raises(UserError, match=f"in use by another run \\(process {os.getpid()}\\)"):
             with run_lock.hold(tmp_path / "a.csv", "features_output"):
                 pass
+    assert os.listdir(tmp_path) == []  # the lock file goes with the run that ends
