@@ -28,6 +28,7 @@ MAX_FILE_BYTES = 4096 * 4096 * 8  # an uncompressed 4096 x 4096 16-bit RGBA imag
 OWN_PICTURE = "a picture this project drew (comparison image, loss curve or PCA plot), not a tile; not read"
 UNREADABLE_FOLDER = "folder not readable ({reason}): the files in it were not searched; fix its permissions"
 _HEAD_BYTES = 4096  # read of a PNG's start to find the output mark; more only when its chunks run past it
+_MORE_HEAD_BYTES = 1 << 20  # the most read beyond that (a large colour profile before the text chunks)
 _ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
                  4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                  7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
@@ -49,11 +50,14 @@ def _is_own_picture(path):
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return False
-        with open(path, "rb") as handle:
+        # O_NONBLOCK: a pipe swapped in after the check cannot block the open; the fstat catches it.
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return False
             head = handle.read(_HEAD_BYTES)
             marked = is_marked_png(head)
             if marked is None:
-                marked = is_marked_png(head + handle.read())
+                marked = is_marked_png(head + handle.read(_MORE_HEAD_BYTES))
     except OSError:
         return False
     return bool(marked)
@@ -102,7 +106,8 @@ def find_images(folder, exclude=(), skipped=None):
                      if name.lower().endswith(IMAGE_EXTENSIONS) and (here, name) not in skip_files)
     own = {path for path in found if path.lower().endswith(".png") and _is_own_picture(path)}
     skipped.update(dict.fromkeys(sorted(own), OWN_PICTURE))
-    found = sorted((path for path in found if path not in own), key=lambda path: os.path.relpath(path, folder).split(os.sep))
+    found = sorted((path for path in found if path not in own),
+                   key=lambda path: os.path.relpath(path, folder).split(os.sep))
     if not found:
         raise UserError(f"no images found in {folder!r} or its subfolders "
                         f"(accepted extensions: {' '.join(IMAGE_EXTENSIONS)})"

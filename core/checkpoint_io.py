@@ -67,7 +67,8 @@ def verify_archive(handle, path, limit_bytes=None):
         for info in infos:
             if info.header_offset + info.compress_size > size or info.compress_size > size:
                 raise UserError(f"checkpoint {path!r} is damaged: its record {info.filename} claims "
-                                f"{info.compress_size} bytes, more than the whole file ({size}): re-copy or re-train it")
+                                f"{info.compress_size} bytes, more than the whole file ({size}): "
+                                "re-copy or re-train it")
         declared = sum(info.file_size for info in infos)
         if limit_bytes is not None and declared > limit_bytes:
             raise UserError(f"checkpoint {path!r} declares {declared / 1e6:.0f} MB of data, more than any checkpoint "

@@ -265,8 +265,9 @@ def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
-    Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only), exit 2; an interrupt (KeyboardInterrupt,
-    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
+    Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only),
+    exit 2; an interrupt (KeyboardInterrupt, with the signal number as its signum attribute when it came
+    from SIGTERM) is the line `interrupted`,
     exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
     quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
     while a plain pipeline still reports head's status."""
