@@ -27,11 +27,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from core import inference
+from core import run_lock
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
 from core.inference import run_model
-from core.outputs import check_target, check_writable, printable, replace_together
+from core.outputs import PNG_MARK, check_target, check_writable, printable, replace_together
 from core.runtime import precision_name
 
 FEATURE_DIM = 512
@@ -86,6 +87,8 @@ def subfolder_labels(paths, folder):
 
 
 def pca_figure(features, labels, folder):
+    """The PCA plot. Folder names are shown as they are: never read as mathtext ($...$, backslashes), and a
+    name starting with '_' keeps its legend entry (given explicitly, as matplotlib hides such labels)."""
     scores, explained = pca_2d(features)
     groups = list(dict.fromkeys(labels))
     label_array = np.array(labels, dtype=object)
@@ -93,18 +96,23 @@ def pca_figure(features, labels, folder):
     figure = Figure(figsize=(8, 6.5), dpi=120)
     axes = figure.add_subplot()
     size = float(np.clip(4000 / len(labels), 3, 40))
+    handles, names = [], []
     for i, group in enumerate(groups):
         chosen = label_array == group
-        axes.scatter(scores[chosen, 0], scores[chosen, 1], s=size, alpha=0.75, linewidths=0,
-                     color=palette(i % palette.N), label=f"{group} ({int(chosen.sum())})")
+        handles.append(axes.scatter(scores[chosen, 0], scores[chosen, 1], s=size, alpha=0.75, linewidths=0,
+                                    color=palette(i % palette.N)))
+        names.append(f"{group} ({int(chosen.sum())})")
     axes.set_xlabel(f"PC 1 ({explained[0] * 100:.1f}% of variance)")
     axes.set_ylabel(f"PC 2 ({explained[1] * 100:.1f}% of variance)")
     title = f"Encoder features of {len(labels)} tiles in {printable(folder)}"
     if len(groups) <= MAX_LEGEND_GROUPS:
-        axes.legend(title="Subfolder", fontsize="small", markerscale=max(1.0, 30 / size), loc="best")
+        legend = axes.legend(handles, names, title="Subfolder", fontsize="small", markerscale=max(1.0, 30 / size),
+                             loc="best")
+        for text in legend.get_texts():
+            text.set_parse_math(False)
     else:
         title += f"\n{len(groups)} subfolders (too many for a legend; colours repeat)"
-    axes.set_title(title, fontsize="medium")
+    axes.set_title(title, fontsize="medium", parse_math=False)
     axes.grid(alpha=0.3)
     figure.tight_layout()
     return figure
@@ -142,7 +150,7 @@ def write_outputs(outputs, features, paths, skipped, folder):
 
     figure = pca_figure(features, subfolder_labels(paths, folder), folder)
     writes = {outputs["csv"]: write_csv, outputs["npy"]: write_npy, outputs["paths"]: write_paths,
-              outputs["pca"]: lambda tmp: figure.savefig(tmp, format="png")}
+              outputs["pca"]: lambda tmp: figure.savefig(tmp, format="png", metadata=PNG_MARK)}
     if skipped:
         writes[outputs["skipped"]] = write_skipped
     # A list left by an earlier run would blame files that now read fine.
@@ -162,6 +170,7 @@ def extract_features(cfg):
           f"{printable(folder)} on {run.device} in {precision_name(run.amp_dtype)}.")
 
     chunks, paths, skips = [], [], SkipLog()
+    skips.add_left_out(run.dataset.left_out)
     start = time.perf_counter()
     with tqdm(total=len(run.dataset), desc="Extracting", unit="tile", dynamic_ncols=True) as progress:
         for images, batch_paths, skipped in start_batches(run.loader):
@@ -195,7 +204,9 @@ def extract_features(cfg):
 
 
 def main():
-    run_main(extract_features, "features")
+    # One extraction at a time per output (run_lock): a second one writing the same files is refused.
+    run_main(lambda cfg: run_lock.call_locked(extract_features, cfg, cfg.features_output, "features_output"),
+             "features")
 
 
 if __name__ == "__main__":

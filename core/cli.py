@@ -6,12 +6,13 @@ import select
 import signal
 import sys
 import tokenize
+import traceback
 import types
 from dataclasses import dataclass
 
 
 from core import malloc_tuning
-from core.errors import UserError
+from core.errors import RankError, UserError
 
 
 # The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
@@ -39,7 +40,8 @@ LOSS_NAMES = ("mse", "ssim")
 
 @dataclass(frozen=True)
 class Rule:
-    """What a Config key accepts. kind: int, float, bool, str, "switch" (True, False or "auto") or a tuple of
+    """What a Config key accepts. kind: int, float, bool, str, "path" (text that is not empty: an empty path
+    would mean the current folder, or a file named ''), "switch" (True, False or "auto") or a tuple of
     choices. Bounds of numbers: low <= value, above < value, value <= high, value < below."""
     kind: object
     low: float = None
@@ -51,7 +53,8 @@ class Rule:
         if isinstance(self.kind, tuple):
             return "one of " + ", ".join(repr(choice) for choice in self.kind)
         words = {int: "a whole number (int)", float: "a finite number (float)", bool: "true or false (bool)",
-                 str: "text (str, no NUL character)", "switch": "'auto', true or false"}[self.kind]
+                 str: "text (str, no NUL character)", "path": "a path (text, not empty, no NUL character)",
+                 "switch": "'auto', true or false"}[self.kind]
         if self.low is not None and self.high is not None:
             return f"{words} from {self.low} to {self.high}"
         limits = [f"{word} {bound}" for word, bound in (("of at least", self.low), ("above", self.above),
@@ -60,14 +63,15 @@ class Rule:
         return " ".join([words, " and ".join(limits)]).strip()
 
 
-COUNT, TEXT, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule(bool), Rule("switch")
+COUNT, TEXT, PATH, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule("path"), Rule(bool), Rule("switch")
 PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
 RULES = {
-    **dict.fromkeys("""GPUs folder_path_train model_saved_location_mse model_saved_location_ssim
+    **dict.fromkeys("GPUs exclude_tiles_in".split(), TEXT),  # "" means the CPU, and no held-out tiles
+    **dict.fromkeys("""folder_path_train model_saved_location_mse model_saved_location_ssim
                        training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
                        recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
-                       slide_path tiles_output_folder exclude_tiles_in folder_path_features
-                       features_output features_folder selection_folder""".split(), TEXT),
+                       slide_path tiles_output_folder folder_path_features features_output features_folder
+                       selection_folder""".split(), PATH),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
     **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
@@ -119,6 +123,8 @@ def _check(rule, value):
     if rule.kind is bool and isinstance(value, bool):
         return value
     if rule.kind is str and isinstance(value, str) and "\0" not in value:
+        return value
+    if rule.kind == "path" and isinstance(value, str) and value.strip() and "\0" not in value:
         return value
     numbers = (int, float) if rule.kind is float else (int,)
     if rule.kind not in numbers or isinstance(value, bool) or not isinstance(value, numbers):
@@ -202,12 +208,32 @@ def _argument_error(arg, values, keys, name):
     return UserError(f"--{key} is not read by {name}{hint}; python {name} --help lists the settings it reads")
 
 
+def import_config():
+    """The Config module. A Config.py that is missing, or that fails to run (a syntax error, an undefined
+    name), is one UserError naming the file and the line, instead of a traceback."""
+    try:
+        import Config
+    except SyntaxError as err:
+        raise UserError(f"{err.filename or 'Config.py'} line {err.lineno}: {err.msg}: fix that line "
+                        "(each setting is name = value)") from None
+    except ModuleNotFoundError as err:
+        if err.name != "Config":
+            raise
+        home = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        raise UserError(f"Config.py not found in {home}: restore it from the repository") from None
+    except Exception as err:  # whatever its code raised while it ran
+        frames = [f for f in traceback.extract_tb(err.__traceback__) if os.path.basename(f.filename) == "Config.py"]
+        where = f"{frames[-1].filename} line {frames[-1].lineno}" if frames else "Config.py"
+        raise UserError(f"{where}: {type(err).__name__}: {err}: fix that line") from None
+    return Config
+
+
 def load_config(argv=None, script=None, loss=None):
     """The Config.py settings script reads (see SCRIPT_KEYS; all of them for None) as a namespace, with the
     --key=value overrides of argv (default sys.argv[1:]) applied. Every value, from Config.py or the command
     line, is checked against RULES first: a UserError names the key, its value and what is allowed.
     --help (or -h) prints the settings and exits."""
-    import Config
+    Config = import_config()
     values, wanted, name = _config_values(Config), script_keys(script, loss), script_name(script, loss)
     missing = sorted(wanted - set(values))
     if missing:
@@ -250,8 +276,9 @@ def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
-    Exit codes: a UserError is one line `error: ...` on stderr, exit 2; an interrupt (KeyboardInterrupt,
-    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
+    Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only),
+    exit 2; an interrupt (KeyboardInterrupt, with the signal number as its signum attribute when it came
+    from SIGTERM) is the line `interrupted`,
     exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
     quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
     while a plain pipeline still reports head's status."""
@@ -268,7 +295,11 @@ def run_main(main, script=None, loss=None, argv=None):
             main(cfg)
         sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every process meets the same problem: the first process of each machine alone
+        # reports it (one line on one machine; a folder missing on one machine of several is still named),
+        # unless it is one of this process alone (a RankError: its GPU).
+        if os.environ.get("LOCAL_RANK", "0") == "0" or isinstance(err, RankError):
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
         print("interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from core import inference
+from core import run_lock
 from core import runtime
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
@@ -79,10 +80,18 @@ def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
 
 
 def evaluate(cfg, loss_name):
-    """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows."""
-    model_path, folder = getattr(cfg, f"model_path_{loss_name}"), cfg.folder_path_test
+    """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows. Its
+    outputs are locked for the run (run_lock): a second evaluation writing them is refused."""
     inference.check_settings(cfg)
     out_dir, workbook_path = check_outputs(cfg, loss_name)
+    with run_lock.hold(out_dir, f"recon_output_{loss_name}", folder=True), \
+            run_lock.hold(workbook_path, f"reconstruction_metrics_{loss_name}"):
+        return evaluate_into(cfg, loss_name, out_dir, workbook_path)
+
+
+def evaluate_into(cfg, loss_name, out_dir, workbook_path):
+    """evaluate(), once its outputs are checked and locked."""
+    model_path, folder = getattr(cfg, f"model_path_{loss_name}"), cfg.folder_path_test
     run = inference.setup(cfg, folder, model_path, exclude=[out_dir])
     names = comparison_names(run.dataset.paths, folder)
     out_paths = {path: os.path.join(out_dir, name) for path, name in names.items()}
@@ -92,6 +101,7 @@ def evaluate(cfg, loss_name):
           f"{run.device} in {precision_name(run.amp_dtype)}.")
 
     rows, skips, pending = [], SkipLog(), collections.deque()
+    skips.add_left_out(run.dataset.left_out)
     # leave=False: the finished bar is erased, so an error after the loop is the only line left on stderr.
     bar = tqdm(start_batches(run.loader), total=len(run.loader), desc="Evaluating", unit="batch",
                dynamic_ncols=True, leave=False)

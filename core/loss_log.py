@@ -6,7 +6,7 @@ import math
 import os
 
 from core.errors import UserError
-from core.outputs import atomic_write
+from core.outputs import PNG_MARK, atomic_write
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 _FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SSIM": "{:.6f}",
@@ -104,7 +104,7 @@ def plot_history(png_path, rows, loss_name):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, metadata=PNG_MARK)
     plt.close(fig)
 
     def write(tmp):

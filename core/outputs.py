@@ -20,6 +20,10 @@ from core.errors import UserError
 MIN_FREE_BYTES = 1 << 20  # an output folder with less free space than this is on a full disk
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The PNG text chunk that marks a picture this project drew (comparison image, loss curve, PCA plot), so that
+# the tile reader never takes one for a tile. Tiles cut by Prepare_Tiles.py are inputs and carry no mark.
+OUTPUT_MARK_KEY = "ae-output"
+PNG_MARK = {OUTPUT_MARK_KEY: "a picture drawn by AE_CRC, not a tile"}  # savefig(..., metadata=PNG_MARK)
 
 
 def printable(text):
@@ -53,6 +57,26 @@ def check_target(path):
     if kind:
         raise UserError(f"refusing to write {path!r}: it is a {kind}, not a regular file; "
                         "remove it or choose another file name")
+    check_not_read_only(path)
+
+
+def is_read_only(path):
+    """Whether path is an existing regular file whose permission bits grant nobody write access (chmod a-w,
+    mode 444): the user made it read-only to keep it. The mode bits are read directly, since os.access says
+    yes to root whatever they are."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISREG(mode) and not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def check_not_read_only(path):
+    """Refuse (UserError) to replace a read-only file (is_read_only)."""
+    if is_read_only(path):
+        mode = os.stat(path).st_mode
+        raise UserError(f"refusing to replace {path!r}: it is read-only (mode {stat.S_IMODE(mode):04o}); "
+                        "make it writable (chmod u+w) or choose another file name")
 
 
 def _new_file(folder, name):
@@ -149,8 +173,39 @@ def check_writable(folder):
                         "free): free some space or choose another folder")
 
 
-def png_bytes(rgb):
-    """An H x W x 3 uint8 array as the bytes of an 8-bit RGB PNG file.
+def _png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
+
+
+def mark_png(data):
+    """The bytes of a PNG file with the OUTPUT_MARK_KEY text chunk added after its header: how a picture the
+    project draws is marked as an output (Pillow: save to bytes, then mark_png; matplotlib: metadata=PNG_MARK)."""
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    end_of_header = len(_PNG_SIGNATURE) + 8 + struct.unpack(">I", data[8:12])[0] + 4
+    body = OUTPUT_MARK_KEY.encode("latin-1") + b"\0" + PNG_MARK[OUTPUT_MARK_KEY].encode("latin-1")
+    return data[:end_of_header] + _png_chunk(b"tEXt", body) + data[end_of_header:]
+
+
+def is_marked_png(head):
+    """Whether head (the first bytes of a file) is a PNG with the output mark in a text chunk before its
+    pixel data; None when its chunks run past head undecided. Only chunk headers are read: no pixel is decoded."""
+    if not head.startswith(_PNG_SIGNATURE):
+        return False
+    key = OUTPUT_MARK_KEY.encode("latin-1") + b"\0"
+    offset = len(_PNG_SIGNATURE)
+    while offset + 8 <= len(head):
+        length, kind = struct.unpack(">I4s", head[offset:offset + 8])
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        if kind in (b"tEXt", b"iTXt", b"zTXt") and head[offset + 8:offset + 8 + len(key)] == key:
+            return True
+        offset += 12 + length
+    return None
+
+
+def png_bytes(rgb, mark=False):
+    """An H x W x 3 uint8 array as the bytes of an 8-bit RGB PNG file; mark: with the output mark (mark_png).
 
     Every row gets PNG's Up filter (each byte minus the one above it), and zlib compresses with its
     run-length strategy at level 1. Pillow's PNG writer tries four filters on every row and has no option to
@@ -166,12 +221,9 @@ def png_bytes(rgb):
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 wraps modulo 256, as PNG's filters do
     compressor = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     data = compressor.compress(filtered) + compressor.flush()
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(body, zlib.crc32(kind)))
-
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8 bits, RGB, deflate, filters, no interlace
-    return _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    png = _PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    return mark_png(png) if mark else png
 
 
 def write_bytes(path, data):
@@ -179,8 +231,8 @@ def write_bytes(path, data):
         handle.write(data)
 
 
-def write_png(path, rgb):
-    """Write an H x W x 3 uint8 array to path as a PNG (png_bytes), atomically; not flushed to the disk
-    one by one (a rerun recreates these), but never left half-written."""
-    data = png_bytes(rgb)
+def write_png(path, rgb, mark=False):
+    """Write an H x W x 3 uint8 array to path as a PNG (png_bytes; mark: as a picture of ours, not a tile),
+    atomically; not flushed to the disk one by one (a rerun recreates these), but never left half-written."""
+    data = png_bytes(rgb, mark)
     atomic_write(path, lambda tmp: write_bytes(tmp, data), durable=False)

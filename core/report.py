@@ -100,7 +100,7 @@ def comparison_image(original, reconstruction, metrics, label):
 
 def save_comparison(original, reconstruction, metrics, label, out_path):
     """Write the comparison image of one tile to out_path (its folders are created)."""
-    write_png(out_path, np.asarray(comparison_image(original, reconstruction, metrics, printable(label))))
+    write_png(out_path, np.asarray(comparison_image(original, reconstruction, metrics, printable(label))), mark=True)
 
 
 def save_comparisons(originals, reconstructions, rows, labels, out_paths):

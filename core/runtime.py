@@ -16,7 +16,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
-from core.errors import UserError
+from core.errors import RankError, UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "off")
 _FAILED_GRACE_SECONDS = 30  # after one process fails, how long the others may take to stop before SIGKILL
@@ -115,7 +115,7 @@ def select_device(gpus, local_rank=None, local_world=None):
     if gpu >= count:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        raise UserError(f"GPUs={gpus!r}, LOCAL_RANK={local_rank}: GPU {gpu} does not exist; this machine shows "
+        raise RankError(f"GPUs={gpus!r}, LOCAL_RANK={local_rank}: GPU {gpu} does not exist; this machine shows "
                         f"{count} GPU(s){where}, ids 0..{count - 1}")
     torch.cuda.set_device(gpu)
     return torch.device("cuda", gpu)

@@ -4,6 +4,7 @@ the checkpoint it continues from), runs train_one_epoch() per epoch and saves th
 One process per GPU (started by runtime.spawn or torchrun); only rank 0 prints, logs and saves. Each
 epoch's order and augmentations are seeded by (seed, epoch, rank): a resumed run continues exactly.
 """
+import contextlib
 import math
 import os
 import sys
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from core import checkpoint_io
 from core import loss_log
+from core import run_lock
 from core import runtime
 from core import training_data
 from core import training_state
@@ -25,7 +27,7 @@ from core.errors import UserError
 from core.cli import load_config, run_main
 from core.inference import reconstruct
 from core.metrics import LOSSES
-from core.outputs import check_writable
+from core.outputs import check_target, check_writable
 from core.runtime import Distributed, autocast, autocast_dtype, precision_name
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
@@ -134,18 +136,21 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     """Everything an epoch needs, as one namespace: device, data, model, optimizer, and where it resumes."""
     say = runtime.say if ddp.main else (lambda *parts: None)
     if ddp.main:
-        check_writable(paths.folder)
         check_writable(os.path.dirname(paths.log))
         if os.path.isdir(paths.log):
             raise UserError(f"training_loss_file_{loss_name}={paths.log!r} is a folder: give a .csv file name")
+        for path in (paths.final, paths.best, paths.log, paths.plot):
+            check_target(path)  # a read-only Final model or log is refused now, not after the training
     if cfg.batch_size_train % ddp.world or cfg.batch_size_train < 2 * ddp.world:
         raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} training "
                         "process(es) and give each at least 2 tiles (BatchNorm needs two)")
     dataset = ImageFolder(cfg.folder_path_train, cfg.tile_size)
     train_idx, val_idx = training_data.split_indices(len(dataset), cfg.val_fraction, cfg.seed)
-    if len(train_idx) < ddp.world:
-        raise UserError(f"{cfg.folder_path_train!r} holds {len(train_idx)} training tiles, fewer than the "
-                        f"{ddp.world} training processes")
+    if len(train_idx) < 2 * ddp.world:  # BatchNorm needs two tiles a batch in every process
+        raise UserError(f"folder_path_train={cfg.folder_path_train!r} holds {len(dataset)} tile(s) and "
+                        f"val_fraction={cfg.val_fraction} leaves {len(train_idx)} for training: BatchNorm needs at "
+                        f"least 2 per training process ({2 * ddp.world} for {ddp.world}); add tiles or lower "
+                        "val_fraction")
     device = ddp.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tiles of one size: cuDNN times its kernels once, then keeps the fastest
@@ -165,6 +170,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
         settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)
+    run.skips.add_left_out(dataset.left_out)
     training_state.start_or_resume(run)
     run.model = ddp.wrap(raw_model, cfg.compile_model)
     training_data.build_loaders(run, dataset, train_idx, val_idx)
@@ -305,9 +311,12 @@ def train(cfg, loss_name):
     immediate = int(os.environ.get("WORLD_SIZE", "1")) == 1
     notice = (f"finishing the current step, then saving {paths.interrupt}; further signals are ignored"
               if int(os.environ.get("RANK", "0")) == 0 else None)
-    with training_state.Interrupts(immediate, notice).installed() as interrupts:
+    with training_state.Interrupts(immediate, notice).installed() as interrupts, contextlib.ExitStack() as held:
         ddp, run = Distributed(cfg), None
         try:
+            if ddp.main:  # one training at a time per checkpoint folder (run_lock)
+                check_writable(paths.folder)
+                held.enter_context(run_lock.hold(paths.folder, f"model_saved_location_{loss_name}", folder=True))
             run = set_up(cfg, loss_name, paths, ddp, interrupts)
             for epoch in range(run.start_epoch, cfg.num_epochs + 1):
                 train_one_epoch(run, epoch)

@@ -21,6 +21,7 @@ import torch
 from core import checkpoint_io
 from core import loss_log
 from core.errors import UserError
+from core.outputs import is_read_only
 
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
 _EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")
@@ -43,8 +44,9 @@ def latest_checkpoint(folder):
 
 
 def prune_checkpoints(folder, keep, newest_epoch):
-    """Delete the periodic checkpoints before newest_epoch beyond the `keep` newest (0 keeps all)."""
-    older = [path for epoch, path in periodic_checkpoints(folder) if epoch < newest_epoch]
+    """Delete the periodic checkpoints before newest_epoch beyond the `keep` newest (0 keeps all); one made
+    read-only (outputs.is_read_only) is kept, and not counted."""
+    older = [path for epoch, path in periodic_checkpoints(folder) if epoch < newest_epoch and not is_read_only(path)]
     for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
