@@ -71,3 +71,10 @@ exclude_tiles_in = "input_images"   # held-out tiles named <slide>_x<X>_y<Y>.png
 #------------------------------------------------------------------
 folder_path_features = "input_images"      # tiles to describe, searched recursively
 features_output = "features/features.csv"  # CSV Feature_1..Feature_512,File_Path; .npy, paths and PCA plot beside it
+
+folder_path_slides = ""       # whole slides to describe: one slide, a folder (recursive) or a .txt list ("" = the tile folder above)
+features_folder = "features"  # slide mode: <slide>.h5, <slide>_tiles.png and slides_summary.csv, slide subfolders mirrored
+target_mpp = 0.5              # microns per pixel the slide tiles are cut at (0.5 = 20x); tile_size, tile_stride apply there
+slide_mpp = 0                 # microns per pixel of the slides' full resolution (0 = as recorded in each slide)
+tile_qc = False               # slide mode: also run the decoder and store each tile's reconstruction MSE and SSIM
+features_csv = False          # slide mode: also write <slide>.csv (Feature_1..Feature_512,File_Path) beside the .h5

@@ -25,7 +25,8 @@ SCRIPT_KEYS = {
     "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
                      model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
-                   folder_path_features model_path_ssim features_output""".split(),
+                   folder_path_features model_path_ssim features_output folder_path_slides features_folder
+                   target_mpp slide_mpp tile_stride tissue_fraction tile_qc features_csv""".split(),
     "tiles": """keep_freed_memory tile_size tile_stride slide_path tiles_output_folder tissue_fraction
                 background_gray exclude_tiles_in""".split(),
 }
@@ -64,9 +65,9 @@ RULES = {
                        training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
                        recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
                        slide_path tiles_output_folder exclude_tiles_in folder_path_features
-                       features_output""".split(), TEXT),
+                       features_output folder_path_slides features_folder""".split(), TEXT),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
-    **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
+    **dict.fromkeys("augment sync_batchnorm compile_model resume tile_qc features_csv".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
     "num_workers": Rule(int, low=0),
     "keep_checkpoints": Rule(int, low=0),
@@ -83,6 +84,8 @@ RULES = {
     "val_fraction": Rule(float, low=0, below=1),
     "tissue_fraction": Rule(float, low=0, high=1),
     "background_gray": Rule(int, low=0, high=255),
+    "target_mpp": Rule(float, above=0),
+    "slide_mpp": Rule(float, low=0),
 }
 _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
