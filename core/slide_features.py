@@ -21,6 +21,7 @@ rewrites the summary from all parts.
 """
 import contextlib
 import csv
+import functools
 import hashlib
 import os
 import time
@@ -46,7 +47,8 @@ SUMMARY_NAME = "slides_summary.csv"
 SUMMARY_COLUMNS = ["Slide", "Status", "Tiles", "Seconds", "Reason"]
 DEEPCLUSTER_TILE = 256  # DeepCluster++ resizes every tile to this side before its encoder
 BLOCK_TILES = 8  # neighbouring tiles of one grid row read in one read_region: each slide tile decoded once
-THUMBNAIL_SIDE = 1024
+THUMBNAIL_SIDE = 1024  # the picture's longer side, unless the tissue mask's thumbnail is small enough to reuse
+MAX_PICTURE_SIDE = 2048
 OUTLINE_RGB, TILE_RGB = (0, 170, 0), (30, 60, 230)
 SETTINGS = ("target_mpp", "tile_size", "tile_stride", "tissue_fraction", "slide_mpp")
 
@@ -284,8 +286,10 @@ def write_csv(tmp, features, names):
 
 
 def tiles_picture(slide, grid):
-    """The slide's thumbnail with the tissue mask's outline and every kept tile's square drawn on it."""
-    thumb, scale = slide.thumbnail(THUMBNAIL_SIDE)
+    """The slide's thumbnail with the tissue mask's outline and every kept tile's square drawn on it, at the
+    mask's resolution when that is small enough (the thumbnail tissue_mask read is then reused)."""
+    mask_side = max(grid.mask.array.shape)
+    thumb, scale = slide.thumbnail(mask_side if mask_side <= MAX_PICTURE_SIDE else THUMBNAIL_SIDE)
     image = Image.fromarray(np.ascontiguousarray(thumb[..., :3]))
     mask = Image.fromarray(np.asarray(grid.mask.array, dtype=np.uint8) * 255).resize(image.size, Image.NEAREST)
     outline = np.asarray(mask) > np.asarray(mask.filter(ImageFilter.MinFilter(3)))
@@ -349,6 +353,8 @@ def one_slide(path, out, cfg, model, show):
         slide = open_slide(path, cfg.slide_mpp)
     except SlideError as err:
         return row(path, "skipped", 0, time.perf_counter() - start, str(err))
+    # A one-level slide is decoded whole for a thumbnail: the tissue mask's is kept for the picture.
+    slide.thumbnail = functools.lru_cache(maxsize=1)(slide.thumbnail)
     try:
         with slide:
             grid = tile_grid(slide, cfg.tile_size, cfg.tile_stride, cfg.target_mpp, cfg.tissue_fraction)
