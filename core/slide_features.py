@@ -62,14 +62,14 @@ def process_share(environ=None):
     env = os.environ if environ is None else environ
     try:
         rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        task = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+        offset = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+        task, tasks = offset // max(1, int(env.get("SLURM_ARRAY_TASK_STEP", 1))), int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
     except ValueError as err:
         raise UserError(f"cannot read this process's place from the environment ({err}): check RANK, "
                         "WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_COUNT") from None
     if not (0 <= rank < world and 0 <= task < tasks):
         raise UserError(f"RANK={rank} of WORLD_SIZE={world}, SLURM array task {task} of {tasks}: out of range; "
-                        "with a stepped --array, give each task its own SLURM_ARRAY_TASK_ID from 0")
+                        "check RANK, WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT")
     return task * world + rank, tasks * world
 
 
@@ -253,7 +253,8 @@ def finished_tiles(path, expected):
 
 
 def remove_stale_temporaries(target):
-    """Temporary files of target left by a process killed while writing it (outputs._new_file's names)."""
+    """Temporary files of target left by a process killed while writing it (outputs._new_file's names).
+    Only this process writes this slide's files, so none of them is another process's write in progress."""
     folder, name = os.path.split(target)
     with contextlib.suppress(OSError):
         for entry in os.listdir(folder or "."):
@@ -348,7 +349,8 @@ def one_slide(path, out, cfg, model, show):
         if cfg.features_csv and not os.path.isfile(out.csv):
             csv_from_h5(out)
         return row(path, "already done", done, 0.0)
-    remove_stale_temporaries(out.h5)
+    for target in (out.h5, out.png, out.csv):
+        remove_stale_temporaries(target)
     try:
         slide = open_slide(path, cfg.slide_mpp)
     except SlideError as err:

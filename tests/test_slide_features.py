@@ -267,6 +267,9 @@ def test_process_share_combines_torchrun_and_slurm():
     env = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert slide_features.process_share(env) == (7, 8)
     assert slide_features.process_share({}) == (0, 1)
+    stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_STEP": "2",
+               "SLURM_ARRAY_TASK_COUNT": "3"}  # --array=2-6:2
+    assert slide_features.process_share(stepped) == (2, 3)
     with pytest.raises(slide_features.UserError):
         slide_features.process_share({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"})
 
@@ -281,3 +284,27 @@ def test_output_names_never_collide(tmp_path):
     assert places[3] == os.path.join("f", "elsewhere", "a")
     grid = np.array([[0, 0], [64, 0], [128, 0], [256, 0], [0, 64], [64, 64]])
     assert slide_features.row_blocks(grid, 64, 2) == [(0, 2), (2, 1), (3, 1), (4, 2)]
+
+
+def test_256px_features_equal_deepcluster_computation(workspace, monkeypatch):
+    """DeepCluster++ on the same tiles: Resize(256), ToTensor, ImageNet Normalize outside the model, the
+    plain (unfolded) encoder, the global average."""
+    import openslide
+    import torch
+    from torchvision import transforms
+    from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder
+    monkeypatch.chdir(workspace)
+    slide_features.extract_slide_features(load_config(settings("dc", "slides/s20.svs", "--tile_size=256",
+                                                               "--tile_stride=512")))
+    data, _ = h5(workspace / "dc" / "s20.h5")
+    assert len(data["coords"]) >= 1
+    model = AutoEncoder()
+    model.load_state_dict(torch.load(workspace / "model.pth", weights_only=True))
+    model.eval()
+    prepare = transforms.Compose([transforms.Resize(256), transforms.ToTensor(),
+                                  transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with openslide.OpenSlide(str(workspace / "slides" / "s20.svs")) as slide:
+        tiles = [slide.read_region((int(x), int(y)), 0, (256, 256)).convert("RGB") for x, y in data["coords"]]
+    with torch.inference_mode():
+        theirs = model.encoder(torch.stack([prepare(tile) for tile in tiles])).mean(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(data["features"], theirs, rtol=0, atol=1e-5)
