@@ -181,12 +181,12 @@ def test_the_same_command_again_reads_nothing(workspace, cohort, monkeypatch):
 def copies_folder(workspace, name, count):
     folder = workspace / name
     for i in range(count):
-        write_tiff(folder / f"c{i}" / "slide.tif", [tissue(10 + i, 768, 640)], 0.5)
+        write_tiff(folder / f"c{i}" / "slide.tif", [tissue(10 + i, 448, 384)], 0.5)
     return folder
 
 
 def test_sigterm_then_rerun_equals_a_clean_run(workspace, monkeypatch):
-    copies_folder(workspace, "many", 5)
+    copies_folder(workspace, "many", 4)
     monkeypatch.chdir(workspace)
     slide_features.extract_slide_features(load_config(settings("clean", "many")))
     process = subprocess.Popen([sys.executable, str(REPO / "Extract_Features.py"), *settings("stopped", "many")],
@@ -200,24 +200,23 @@ def test_sigterm_then_rerun_equals_a_clean_run(workspace, monkeypatch):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and stderr.strip().endswith("interrupted"), stderr
     done = sorted(p.parent.name for p in (workspace / "stopped").rglob("slide.h5"))
-    assert 1 <= len(done) < 5, done
+    assert 1 <= len(done) < 4, done
     assert not list((workspace / "stopped").rglob("*.tmp"))
     # A signal between a slide's last file and its summary row leaves that row to the rerun.
     listed = summary(workspace / "stopped" / "slides_summary.csv")
     assert len(done) - 1 <= len(listed) <= len(done)
     # What a kill -9 while writing leaves: a temporary file and an .h5 without `complete`.
-    victim = workspace / "stopped" / "c4" / "slide.h5"
+    victim = workspace / "stopped" / "c3" / "slide.h5"
     victim.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(victim, "w") as handle:
         handle.create_dataset("features", data=np.zeros((1, 512), np.float32))
     (victim.parent / ".slide.h5.0badf00d.tmp").write_bytes(b"half")
 
-    rerun = run_script(workspace, *settings("stopped", "many"))
-    assert rerun.returncode == 0, rerun.stderr
+    slide_features.extract_slide_features(load_config(settings("stopped", "many")))  # the same command, in-process
     statuses = [row["Status"] for row in summary(workspace / "stopped" / "slides_summary.csv").values()]
-    assert statuses.count("already done") == len(done) and statuses.count("done") == 5 - len(done)
+    assert statuses.count("already done") == len(done) and statuses.count("done") == 4 - len(done)
     assert not list((workspace / "stopped").rglob("*.tmp"))
-    for i in range(5):
+    for i in range(4):
         resumed, clean_data = (h5(workspace / out / f"c{i}" / "slide.h5")[0] for out in ("stopped", "clean"))
         for key in ("features", "coords"):
             np.testing.assert_array_equal(resumed[key], clean_data[key])
