@@ -209,7 +209,8 @@ def encode_batch(model, images, device, amp_dtype, qc):
 
 
 def describe_tiles(path, grid, cfg, model, show):
-    """(features N x 512, qc_mse, qc_ssim or None, None) of the tiles of grid, read from the slide at path."""
+    """(features N x 512, qc_mse N, qc_ssim N) of the tiles of grid, read from the slide at path; the qc
+    values are None without tile_qc."""
     dataset = TileBlocks(path, cfg.slide_mpp, grid, cfg.tile_size)
     features, mse, ssim = [], [], []
     try:
@@ -243,9 +244,7 @@ def finished_tiles(path, expected):
     try:
         with h5py.File(path, "r") as handle:
             attrs = handle.attrs
-            if attrs.get("complete") is not np.True_ and attrs.get("complete") is not True:
-                return None
-            if any(k not in attrs or attrs[k] != v for k, v in expected.items()):
+            if not attrs.get("complete", False) or any(k not in attrs or attrs[k] != v for k, v in expected.items()):
                 return None
             return int(handle["features"].shape[0])
     except Exception:  # missing, truncated by a kill, or not an HDF5 file: made again
