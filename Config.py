@@ -74,10 +74,14 @@ exclude_tiles_in = "input_images"   # held-out tiles named <slide>_x<X>_y<Y>.png
 folder_path_features = "input_images"      # tiles to describe, searched recursively
 features_output = "features/features.csv"  # CSV Feature_1..Feature_512,File_Path; .npy, paths and PCA plot beside it
 
+folder_path_slides = ""       # whole slides to describe: one slide, a folder (recursive) or a .txt list ("" = the tile folder above)
+features_folder = "features"  # slide mode: <slide>.h5, <slide>_tiles.png and slides_summary.csv, slide subfolders mirrored
+tile_qc = False               # slide mode: also run the decoder and store each tile's reconstruction MSE and SSIM
+features_csv = False          # slide mode: also write <slide>.csv (Feature_1..Feature_512,File_Path) beside the .h5
+
 #------------------------------------------------------------------
 # Representative tiles per slide, DeepCluster++'s selection (Select_Tiles.py)
 #------------------------------------------------------------------
-features_folder = "features"        # per-slide <slide>.h5 feature files of Extract_Features.py's slide mode, searched recursively
 selection_folder = "selected_tiles" # where Select_Tiles.py writes each slide's table, selected tiles and picture
 select_pca_dims = 256               # principal components kept before k-means (slides with fewer tiles skip PCA)
 select_clusters = 0                 # k-means clusters per slide (0 = ceil(sqrt(tiles)))

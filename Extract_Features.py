@@ -13,6 +13,9 @@ order. With features_output = features/features.csv it writes, all five replaced
     features/features_pca.png      the first two principal components, coloured by first-level subfolder
     features/features_skipped.csv  Path,Reason of each unreadable file (only when there are any)
 
+With folder_path_slides set, it reads whole slides instead (core/slide_features.py, docs/slide_features.md):
+one <slide>.h5 of features and tile coordinates per slide under features_folder.
+
 The files are UTF-8. A file name's bytes that are not UTF-8, and its control characters (a newline in a
 name), are written as Python-style escapes (\\xe9, \\n; outputs.printable), so every path is one line.
 """
@@ -203,10 +206,17 @@ def extract_features(cfg):
     return features, paths
 
 
-def main():
+def extract(cfg):
+    """The slide mode when folder_path_slides is set, else the tile-folder mode."""
+    if cfg.folder_path_slides:
+        from core.slide_features import extract_slide_features  # its slide libraries load only when used
+        return extract_slide_features(cfg)  # its processes share the folder: each slide's files are its own
     # One extraction at a time per output (run_lock): a second one writing the same files is refused.
-    run_main(lambda cfg: run_lock.call_locked(extract_features, cfg, cfg.features_output, "features_output"),
-             "features")
+    return run_lock.call_locked(extract_features, cfg, cfg.features_output, "features_output")
+
+
+def main():
+    run_main(extract, "features")
 
 
 if __name__ == "__main__":

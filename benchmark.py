@@ -2,12 +2,14 @@
 
     python benchmark.py              # speed: data, training step, training script, evaluation, features
     python benchmark.py --quality    # reconstruction quality of the two training recipes
+    python benchmark.py --slides     # only section 4b: whole slide to features against the encoder alone
 
 The GPU rows run too when torch sees a CUDA GPU. docs/benchmarks.md says what each section measures.
 """
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +35,9 @@ AROUND_HEADER = ["network replaced by a no-op", "device", "num_workers", "tiles/
 # (section 6). A GPU node decodes with several: one process alone is slower than the GPU.
 WORKERS = {"cpu": (0, 2), "cuda": (4, 8)}
 AROUND_WORKERS = {"cpu": (0, 1, 2), "cuda": (4, 8)}
+# Section 4b: one loader process reads the slide on the core the encoder's thread leaves free.
+SLIDE_WORKERS = {"cpu": (0, 1, 2), "cuda": (4, 8)}
+SAMPLE_SLIDE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_slides", "cmu_small_region.svs")
 
 
 def run(tiles, tile, crop, batch, epochs):
@@ -46,10 +51,10 @@ PLANS = {
     # GPU, evaluation runs over 4,096 tiles and the training script at the batches and crops users train with,
     # over 4,096 tiles and enough epochs (several seconds of training) for start-up and epoch ends to count
     # as they do in a real run.
-    "full": dict(tile=256, batch=16, copies={"cpu": 2, "cuda": 256}, count=None, rounds=2, min_run_time=2.0,
+    "full": dict(tile=256, batch=16, slide_stride=256, copies={"cpu": 2, "cuda": 256}, count=None, rounds=2, min_run_time=2.0,
                  scripts={"cpu": [run(800, 64, 32, 32, 5)],
                           "cuda": [run(4096, 256, 128, 256, 10), run(4096, 256, 0, 64, 5)]}),
-    "quick": dict(tile=64, batch=4, copies={"cpu": 1, "cuda": 1}, count=4, rounds=1, min_run_time=0.0,
+    "quick": dict(tile=64, batch=4, slide_stride=512, copies={"cpu": 1, "cuda": 1}, count=4, rounds=1, min_run_time=0.0,
                   scripts={"cpu": [run(16, 32, 0, 4, 2)], "cuda": [run(16, 32, 0, 4, 2)]}),
 }
 
@@ -174,6 +179,32 @@ def evaluation(plan, bench, device):
                   rate["encoder"])], notes
 
 
+def slide_to_features(plan, bench, device):
+    """4b. The slide mode of Extract_Features.py on the shipped sample slide, by its per-slide Seconds
+    (tissue mask, tile reads, encoder, thumbnail, .h5), against the encoder alone on the same tiles."""
+    amp_dtype = autocast_dtype(device, plan.precision)
+    network = ours.inference_network(bench.state, device)
+    tiles = ours.slide_tiles(SAMPLE_SLIDE, plan.tile, plan.slide_stride, device)
+    tiles = tiles.contiguous(memory_format=torch.channels_last).float().div_(255)
+    seconds = {workers: [] for workers in SLIDE_WORKERS[device.type]}
+
+    def slide_run(workers):
+        out = tempfile.mkdtemp(prefix=f"slide_{device.type}_{workers}_", dir=bench.work)  # never "already done"
+        seconds[workers].append(ours.run_slide_features(device, plan.precision, SAMPLE_SLIDE, bench.model_path, out,
+                                                        plan.tile, plan.slide_stride, plan.batch, workers))
+    works = {workers: (lambda workers=workers: slide_run(workers), plan.threads) for workers in seconds}
+    works["encoder"] = (lambda: ours.forward_all(network.embed, tiles, plan.batch, amp_dtype), plan.threads)
+    encoder_rate = len(tiles) / side_by_side(works, plan.rounds, plan.min_run_time)["encoder"]
+    # The first call of each work is blocked_autorange's warm-up: its Seconds (imports, first reads) are left out.
+    rate = {workers: len(tiles) / statistics.median(times[1:] or times) for workers, times in seconds.items()}
+    best = max(rate, key=rate.get)
+    label = (f"{len(tiles)} tiles of {plan.tile} px from {os.path.basename(SAMPLE_SLIDE)}, stride {plan.slide_stride}, "
+             f"{device.type}, ours in {precision_name(amp_dtype)}; num_workers={best}")
+    note = f"- {device.type}, slide to features: " + ", ".join(f"num_workers={w}: {r:.2f} img/s" for w, r in rate.items())
+    return [share(f"4b. slide to features by the per-slide Seconds against the encoder alone ({label})", rate[best],
+                  "encoder only", encoder_rate)], [note]
+
+
 def around_the_network(plan, bench, device):
     """6. Evaluation and feature extraction with the network replaced by a no-op: the cost of everything
     around the network (decoding, metrics, PNGs, workbook; CSV, .npy, PCA plot), per tile."""
@@ -254,24 +285,29 @@ def speed(args):
         bench = workspace(plan, args, work, devices)
         print(f"Benchmarking on {len(bench.paths)} tiles ({plan.copies['cpu']} copies of those in "
               f"{args.test_folder}): data pipeline ...", flush=True)
-        rows, notes = data_pipeline(plan, bench)
-        around = []
+        rows, notes, around = ([], [], []) if args.slides else (*data_pipeline(plan, bench), [])
         for device in devices:
-            print(f"  {device.type}: training step ...", flush=True)
-            rows += training(plan, bench, device)
-            print(f"  {device.type}: training script ...", flush=True)
-            rows += training_script(plan, bench, device)
-            print(f"  {device.type}: evaluation and features ...", flush=True)
-            evaluation_rows, evaluation_notes = evaluation(plan, bench, device)
-            rows, notes = rows + evaluation_rows, notes + evaluation_notes
-            print(f"  {device.type}: evaluation and features with the network replaced ...", flush=True)
-            around += around_the_network(plan, bench, device)
+            if not args.slides:
+                print(f"  {device.type}: training step ...", flush=True)
+                rows += training(plan, bench, device)
+                print(f"  {device.type}: training script ...", flush=True)
+                rows += training_script(plan, bench, device)
+                print(f"  {device.type}: evaluation and features ...", flush=True)
+                evaluation_rows, evaluation_notes = evaluation(plan, bench, device)
+                rows, notes = rows + evaluation_rows, notes + evaluation_notes
+            print(f"  {device.type}: slide to features ...", flush=True)
+            slide_rows, slide_notes = slide_to_features(plan, bench, device)
+            rows, notes = rows + slide_rows, notes + slide_notes
+            if not args.slides:
+                print(f"  {device.type}: evaluation and features with the network replaced ...", flush=True)
+                around += around_the_network(plan, bench, device)
     notes = [f"- Wall time {time.perf_counter() - started:.0f} s; {load_before} at the start, "
              f"{tables.load_average()} at the end.", f"- malloc set to keep freed memory for both sides: "
              f"{'yes' if plan.malloc else 'no'}.", *notes]
     tables.report(args.output, "Benchmark: speed", ["\n".join(tables.machine_lines()),
                                                     tables.markdown_table(HEADER, rows),
-                                                    tables.markdown_table(AROUND_HEADER, around), "\n".join(notes)])
+                                                    *([tables.markdown_table(AROUND_HEADER, around)] if around else []),
+                                                    "\n".join(notes)])
 
 
 def parse_args(argv):
@@ -288,6 +324,7 @@ def parse_args(argv):
     parser.add_argument("--devices", choices=("all", "cpu", "cuda"), default="all",
                         help="speed: the devices whose rows run (default all: the CPU, and the GPU when present)")
     parser.add_argument("--quick", action="store_true", help="a few small tiles: checks that everything runs")
+    parser.add_argument("--slides", action="store_true", help="speed: only section 4b, whole slide to features")
     parser.add_argument("--quality", action="store_true", help="train both recipes and compare reconstructions")
     parser.add_argument("--images", type=int, help="quality: training images per recipe (default 5000)")
     parser.add_argument("--crop", type=int, help="quality: training crop side, pixels (default 128)")
@@ -302,6 +339,8 @@ def parse_args(argv):
     given = [f"--{key}" for key in quality_defaults if getattr(args, key) is not None]
     if given and not args.quality:
         parser.error(f"{', '.join(given)} can only be used with --quality")
+    if args.quality and args.slides:
+        parser.error("--slides is a section of the speed benchmark; leave out --quality")
     if args.quality and args.quick:
         parser.error("--quick applies to the speed benchmark; shrink --quality with --images and --crop")
     if args.threads < 1:

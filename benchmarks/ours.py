@@ -3,6 +3,7 @@ feature engines run as their scripts run them, and the network alone or replaced
 import contextlib
 from unittest import mock
 
+import numpy as np
 import torch
 
 import Extract_Features
@@ -95,6 +96,26 @@ def run_features(device, precision, folder, model_path, out_dir, tile, batch, wo
                        f"--num_workers={workers}", f"--folder_path_features={folder}",
                        f"--model_path_ssim={model_path}", f"--features_output={out_dir}/features.csv"])
     quietly(lambda: Extract_Features.extract_features(cfg))
+
+
+def run_slide_features(device, precision, slide, model_path, out_dir, tile, stride, batch, workers):
+    """Extract_Features.py's slide mode in this process on one slide, into a new out_dir; its Seconds."""
+    from core import slide_features
+    cfg = load_config([*device_args(device, precision), f"--tile_size={tile}", f"--tile_stride={stride}",
+                       f"--batch_size_test={batch}", f"--num_workers={workers}", f"--folder_path_slides={slide}",
+                       f"--model_path_ssim={model_path}", f"--features_folder={out_dir}"])
+    rows = quietly(lambda: slide_features.extract_slide_features(cfg))
+    return float(rows[0]["Seconds"])
+
+
+def slide_tiles(slide_path, tile, stride, device):
+    """The tiles the slide mode describes, read once from the slide, as uint8 N x 3 x T x T on device."""
+    from core.slides import open_slide, tile_grid
+    defaults = load_config([])  # the slide mode's target_mpp and tissue_fraction, as run_slide_features has them
+    with open_slide(slide_path) as slide:
+        grid = tile_grid(slide, tile, stride, defaults.target_mpp, defaults.tissue_fraction)
+        tiles = [slide.read_region(x, y, grid.side0, grid.side0, tile, tile) for x, y in grid.coords.tolist()]
+    return torch.from_numpy(np.stack(tiles).transpose(0, 3, 1, 2).copy()).to(device)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ SCRIPT_KEYS = {
     "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
                      model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
-                   folder_path_features model_path_ssim features_output""".split(),
+                   folder_path_features model_path_ssim features_output folder_path_slides features_folder
+                   target_mpp slide_mpp tile_stride tissue_fraction background_gray tile_qc features_csv""".split(),
     "tiles": """keep_freed_memory tile_size tile_stride target_mpp slide_mpp slide_path tiles_output_folder
                 tissue_fraction background_gray exclude_tiles_in""".split(),
     "select": """keep_freed_memory seed features_output features_folder selection_folder select_pca_dims
@@ -66,14 +67,14 @@ class Rule:
 COUNT, TEXT, PATH, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule("path"), Rule(bool), Rule("switch")
 PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
 RULES = {
-    **dict.fromkeys("GPUs exclude_tiles_in".split(), TEXT),  # "" means the CPU, and no held-out tiles
+    **dict.fromkeys("GPUs exclude_tiles_in folder_path_slides".split(), TEXT),  # "": the CPU, no held-out tiles, the tile-folder mode
     **dict.fromkeys("""folder_path_train model_saved_location_mse model_saved_location_ssim
                        training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
                        recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
                        slide_path tiles_output_folder folder_path_features features_output features_folder
                        selection_folder""".split(), PATH),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
-    **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
+    **dict.fromkeys("augment sync_batchnorm compile_model resume tile_qc features_csv".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
     "num_workers": Rule(int, low=0),
     "keep_checkpoints": Rule(int, low=0),

@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, SAMPLE_TILES, script_env
 
-SPEED_SECTIONS = ("1.", "1b.", "2.", "3a.", "3b.", "4.", "5.")
+SPEED_SECTIONS = ("1.", "1b.", "2.", "3a.", "3b.", "4.", "4b.", "5.")
 NUMBER = r"\d+(\.\d+)?"
 
 
@@ -49,6 +49,7 @@ def test_quick_speed_benchmark_reports_every_section(tmp_path):
         assert re.fullmatch(NUMBER, ours) and re.fullmatch(NUMBER, baseline), rows[section]
         assert float(ours) > 0 and float(baseline) > 0 and re.fullmatch(NUMBER + "[x%]", ratio), rows[section]
     assert "training script by the wall clock" in rows["5."][0] and rows["5."][2] == "bare training step"
+    assert "slide to features" in rows["4b."][0] and rows["4b."][2] == "encoder only"
     # The pipelines with the network replaced: evaluation and features, in 0, 1 and 2 loader processes.
     around = table(text, "| network replaced by a no-op |")
     assert sorted((row[0].split(",")[0], row[2]) for row in around) == sorted(
