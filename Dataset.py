@@ -3,11 +3,13 @@
 Training, evaluation, the notebook and feature extraction all use this module, so every tool sees
 the same files in the same order, decoded the same way.
 """
+import atexit
 import io
 import os
 import signal
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps
 
 from core.errors import UserError
 from core.outputs import printable, special_kind
+from core.runtime import STOP_SIGNALS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name
@@ -167,20 +170,32 @@ class ImageFolder(torch.utils.data.Dataset):
             return {"image": None, "path": path, "error": describe_error(err)}
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_running = weakref.WeakSet()  # iterators of start_batches whose loader processes may still run
+_exit_hook = []
+
+
+def _stop_running_loaders():
+    """At exit, end the loader processes of iterators still alive (an error's traceback keeps them): Python
+    would send them SIGTERM, which they ignore (runtime.ignore_interrupts), and wait for them forever."""
+    for iterator in list(_running):
+        iterator._shutdown_workers()
 
 
 def start_batches(loader):
-    """iter(loader), with its worker processes started while Ctrl-C and SIGTERM wait: a worker that got one
-    before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback. A signal that came
-    meanwhile is delivered to this process as soon as the workers run."""
+    """iter(loader), with its worker processes started while the stop signals (runtime.STOP_SIGNALS) wait: a
+    worker that got one before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback.
+    A signal that came meanwhile is delivered to this process as soon as the workers run."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)
+    if not _exit_hook:  # registered after multiprocessing's own exit hook, so it runs before it
+        _exit_hook.append(atexit.register(_stop_running_loaders))
     received = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in _STOP_SIGNALS}
+                for signum in STOP_SIGNALS}
     try:
-        return iter(loader)
+        iterator = iter(loader)
+        _running.add(iterator)
+        return iterator
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)

@@ -1,16 +1,20 @@
 """Command-line plumbing shared by the scripts: the Config.py settings each script reads, their
 --key=value overrides and checks, --help, and the exit codes of run_main."""
+import atexit
+import contextlib
 import math
 import os
 import select
 import signal
 import sys
+import threading
 import tokenize
 import types
 from dataclasses import dataclass
 
 
 from core import malloc_tuning
+from core import streams
 from core.errors import UserError
 
 
@@ -236,31 +240,57 @@ def _stdout_closed():
         return False
 
 
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """The stop signals (runtime.STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP) raise KeyboardInterrupt with their
+    signum; later ones are ignored while it unwinds (training installs its own handler inside). Signals a
+    process was started with blocked stay blocked (runtime.spawn's processes, until training unblocks them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from core.training_state import Interrupts  # imports torch: not needed to read the settings
+    with Interrupts(immediate=True).installed(unblock=False):
+        yield
+
+
+def _ignore_stop_signals():
+    """An exit hook of an interrupted run: further presses of Ctrl-C while the process ends (loader processes
+    shutting down in multiprocessing's exit hook) are not a KeyboardInterrupt traceback."""
+    from core.runtime import STOP_SIGNALS
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
     Exit codes: a UserError is one line `error: ...` on stderr, exit 2; an interrupt (KeyboardInterrupt,
-    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
-    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
-    quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
-    while a plain pipeline still reports head's status."""
+    with the signal number as its signum attribute when a stop signal caused it) is the line `interrupted`,
+    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP); stdout closed by its reader
+    (`| head`) is a quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped
+    unfinished, while a plain pipeline still reports head's status. Any other failure of stdout or stderr
+    (closed, a full disk) drops their output and the work goes on (streams.guard)."""
+    streams.guard()
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        if script is None:
-            main()
-        else:
-            cfg = load_config(argv, script, loss)
-            malloc_tuning.apply(cfg.keep_freed_memory)
-            main(cfg)
-        sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
+        with _stop_signals_interrupt():
+            if script is None:
+                main()
+            else:
+                cfg = load_config(argv, script, loss)
+                malloc_tuning.apply(cfg.keep_freed_memory)
+                main(cfg)
+            sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
+        if threading.current_thread() is threading.main_thread():
+            atexit.register(_ignore_stop_signals)  # runs before the exit hooks registered earlier
         print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
