@@ -94,20 +94,29 @@ def read_tile_file(path):
 
 def _to_rgb(img):
     """Any PIL mode -> RGB. Transparency is composited on white (slide background); 16-bit and
-    float images are scaled to 8 bits instead of clipped."""
+    float images are scaled to 8 bits instead of clipped. Each mode takes at most one more image-sized
+    buffer than the decoded image (scaled in place, pasted onto the white), so that a transparent or
+    16-bit tile needs about the memory of an RGB one."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float32)
         if img.mode.startswith("I;16"):
             top = 65535.0  # a dark 16-bit image stays dark, whatever its brightest pixel
         else:
             top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        values = values if values.flags.writeable else values.copy()
+        values /= top  # the steps of values / top * 255.0 + 0.5, in place
+        values *= 255.0
+        values += 0.5
+        img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        if img.mode not in ("RGBA", "LA"):
+            img = img.convert("RGBA")
+        # The same pixels as alpha_composite on white, without its two more copies of the image.
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img)
+        return background
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
 
 
