@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from core.errors import UserError
+from core.errors import UserError, exhausted
 from core.outputs import printable, special_kind
 from core.runtime import STOP_SIGNALS
 
@@ -174,8 +174,11 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             return {"image": load_image(path, self.tile_size), "path": path, "error": None}
         # Pillow's decoders meet hostile data with many exception types (OSError, ValueError, SyntaxError,
-        # struct.error, IndexError, MemoryError ...): whatever a file does, it is skipped, never fatal.
+        # struct.error, IndexError ...): whatever a file does, it is skipped, never fatal. Memory or open files
+        # running out is the machine's limit, not the file's fault: the run stops saying what to lower.
         except Exception as err:
+            if exhausted(err):
+                raise
             return {"image": None, "path": path, "error": describe_error(err)}
 
 
@@ -212,6 +215,15 @@ def start_batches(loader):
             signal.raise_signal(signum)
 
 
+def in_shared_memory(batch):
+    """batch, moved into shared memory when this is a loader process. Otherwise the move happens when the batch
+    is sent, in a thread of the loader process whose error is only printed, and the run waits forever for the
+    batch (a container's small /dev/shm); here the error reaches the main process (cli.run_main: one line)."""
+    if torch.utils.data.get_worker_info() is not None:
+        batch.share_memory_()
+    return batch
+
+
 def collate(items):
     """Batch the readable items; returns (uint8 N x 3 x H x W, paths, [(path, reason) of skipped files])."""
     good = [item for item in items if item["image"] is not None]
@@ -219,7 +231,7 @@ def collate(items):
     if good:
         # numpy's copy runs on this thread alone: torch.stack would start an intra-op thread team, which
         # waits for a free core while the evaluation's PNG threads are busy.
-        images = torch.from_numpy(np.stack([item["image"].numpy() for item in good]))
+        images = in_shared_memory(torch.from_numpy(np.stack([item["image"].numpy() for item in good])))
     else:
         images = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, [item["path"] for item in good], skipped

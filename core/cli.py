@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from core import malloc_tuning
 from core import streams
-from core.errors import UserError
+from core.errors import UserError, exhausted
 
 
 # The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
@@ -261,6 +261,20 @@ def _ignore_stop_signals():
         signal.signal(signum, signal.SIG_IGN)
 
 
+def exhausted_line(kind, reason, cfg=None):
+    """The one line for a run that found the machine out of kind (errors.exhausted): what to lower or raise."""
+    if kind == "shared memory":
+        return (f"the loader processes ran out of shared memory ({reason}): give the container more (docker run "
+                "--shm-size=2g) or pass --num_workers=0")
+    if kind == "open files":
+        return f"too many open files ({reason}): raise the limit (ulimit -n 4096) or pass --num_workers=0"
+    values = vars(cfg) if cfg is not None else {}
+    knobs = [f"{key} (now {values[key]})" for key in ("batch_size_train", "batch_size_test", "tile_size",
+                                                      "num_workers") if key in values]
+    lower = f"lower {', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else "free memory for it"
+    return f"out of memory ({reason}): {lower}, or run where more memory is available"
+
+
 def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
@@ -270,12 +284,14 @@ def run_main(main, script=None, loss=None, argv=None):
     exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP); stdout closed by its reader
     (`| head`) is a quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped
     unfinished, while a plain pipeline still reports head's status. Any other failure of stdout or stderr
-    (closed, a full disk) drops their output and the work goes on (streams.guard)."""
+    (closed, a full disk) drops their output and the work goes on (streams.guard). Running out of memory,
+    shared memory or open files is one line `error: ...` saying what to lower or raise, exit 2."""
     streams.guard()
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
         with _stop_signals_interrupt():
             if script is None:
@@ -299,3 +315,9 @@ def run_main(main, script=None, loss=None, argv=None):
         # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except (MemoryError, RuntimeError, OSError) as err:
+        found = exhausted(err)
+        if found is None:
+            raise
+        print(f"error: {exhausted_line(*found, cfg)}", file=sys.stderr)
+        sys.exit(2)

@@ -95,10 +95,38 @@ def select_device(gpus, local_rank=None, local_world=None):
 
 def worker_count(requested):
     """Loader processes to start: num_workers from Config, but no more than the CPUs this process may use
-    (more only add start-up time and memory)."""
+    (more only add start-up time and memory), nor than the open-file limit allows (open_file_share)."""
     if requested < 0:
         raise UserError(f"num_workers={requested} must be 0 or more")
-    return min(requested, cpu_count())
+    return open_file_share(min(requested, cpu_count()))
+
+
+_FILES_BASE, _FILES_PER_WORKER = 16, 6  # open files of this process, and the pipes and batches of each worker
+_said_files = False
+
+
+def open_file_share(workers):
+    """How many of workers loader processes the open-file limit (ulimit -n) leaves room for, raising the limit
+    to its ceiling first where that helps (any process may). Too few files for a worker's batches make it fail
+    in a thread whose error is only printed, and the run waits forever; fewer workers are said once."""
+    global _said_files
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return workers
+    need = _FILES_BASE + _FILES_PER_WORKER * workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if workers == 0 or soft == resource.RLIM_INFINITY or soft >= need:
+        return workers
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    allowed = max(0, min(workers, (soft - _FILES_BASE) // _FILES_PER_WORKER))
+    if allowed < workers and not _said_files and launch_slot()[0] == 0:
+        say(f"warning: the open-file limit ({soft}, ulimit -n) is too low for {workers} loader processes: using "
+            f"{allowed}; raise it (ulimit -n 4096) to use num_workers={workers}")
+        _said_files = True
+    return allowed
 
 
 def cpu_count():
