@@ -243,19 +243,26 @@ def _stdout_closed():
 @contextlib.contextmanager
 def _stop_signals_interrupt():
     """The stop signals (runtime.STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP) raise KeyboardInterrupt with their
-    signum; later ones are ignored while it unwinds (training installs its own handler inside). Signals a
+    signum; later ones are ignored until the process ends (training installs its own handler inside). Signals a
     process was started with blocked stay blocked (runtime.spawn's processes, until training unblocks them)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     from core.training_state import Interrupts  # imports torch: not needed to read the settings
-    with Interrupts(immediate=True).installed(unblock=False):
-        yield
+    interrupts = Interrupts(immediate=True)
+    try:
+        with interrupts.installed(unblock=False):
+            yield
+    finally:
+        # From the first signal on they stay ignored: loader processes are shut down (which takes seconds) only
+        # once the interrupt's traceback is freed, after this.
+        if interrupts.signum is not None:
+            _ignore_stop_signals()
 
 
 def _ignore_stop_signals():
-    """An exit hook of an interrupted run: further presses of Ctrl-C while the process ends (loader processes
-    shutting down in multiprocessing's exit hook) are not a KeyboardInterrupt traceback."""
+    """Once a run is interrupted, further presses of Ctrl-C while the process ends (loader processes shutting
+    down, multiprocessing's exit hook) are not a KeyboardInterrupt traceback."""
     from core.runtime import STOP_SIGNALS
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
