@@ -3,6 +3,7 @@
 Training, evaluation, the notebook and feature extraction all use this module, so every tool sees
 the same files in the same order, decoded the same way.
 """
+import atexit
 import io
 import os
 import signal
@@ -10,14 +11,16 @@ import stat
 import struct
 import threading
 import warnings
+import weakref
 import zlib
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile
 
-from core.errors import UserError
+from core.errors import UserError, exhausted
 from core.outputs import is_marked_png, printable, special_kind
+from core.runtime import STOP_SIGNALS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name
@@ -144,20 +147,29 @@ def read_tile_file(path):
 
 def _to_rgb(img):
     """Any PIL mode -> RGB. Transparency is composited on white (slide background); 16-bit and
-    float images are scaled to 8 bits instead of clipped."""
+    float images are scaled to 8 bits instead of clipped. Each mode takes at most one more image-sized
+    buffer than the decoded image (scaled in place, pasted onto the white), so that a transparent or
+    16-bit tile needs about the memory of an RGB one."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(img, dtype=np.float32)
         if img.mode.startswith("I;16"):
             top = 65535.0  # a dark 16-bit image stays dark, whatever its brightest pixel
         else:
             top = 1.0 if img.mode == "F" and values.max() <= 1.0 else 65535.0 if values.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        values = values if values.flags.writeable else values.copy()
+        values /= top  # the steps of values / top * 255.0 + 0.5, in place
+        values *= 255.0
+        values += 0.5
+        img = Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8), mode="L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        if img.mode not in ("RGBA", "LA"):
+            img = img.convert("RGBA")
+        # The same pixels as alpha_composite on white, without its two more copies of the image.
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img)
+        return background
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
 
 
@@ -292,30 +304,54 @@ class ImageFolder(torch.utils.data.Dataset):
         try:
             return {"image": load_image(path, self.tile_size), "path": path, "error": None}
         # Pillow's decoders meet hostile data with many exception types (OSError, ValueError, SyntaxError,
-        # struct.error, IndexError, MemoryError ...): whatever a file does, it is skipped, never fatal.
+        # struct.error, IndexError ...): whatever a file does, it is skipped, never fatal. Memory or open files
+        # running out is the machine's limit, not the file's fault: the run stops saying what to lower.
         except Exception as err:
+            if exhausted(err):
+                raise
             return {"image": None, "path": path, "error": describe_error(err)}
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_running = weakref.WeakSet()  # iterators of start_batches whose loader processes may still run
+_exit_hook = []
+
+
+def _stop_running_loaders():
+    """At exit, end the loader processes of iterators still alive (an error's traceback keeps them): Python
+    would send them SIGTERM, which they ignore (runtime.ignore_interrupts), and wait for them forever."""
+    for iterator in list(_running):
+        iterator._shutdown_workers()
 
 
 def start_batches(loader):
-    """iter(loader), with its worker processes started while Ctrl-C and SIGTERM wait: a worker that got one
-    before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback. A signal that came
-    meanwhile is delivered to this process as soon as the workers run."""
+    """iter(loader), with its worker processes started while the stop signals (runtime.STOP_SIGNALS) wait: a
+    worker that got one before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback.
+    A signal that came meanwhile is delivered to this process as soon as the workers run."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)
+    if not _exit_hook:  # registered after multiprocessing's own exit hook, so it runs before it
+        _exit_hook.append(atexit.register(_stop_running_loaders))
     received = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
-                for signum in _STOP_SIGNALS}
+                for signum in STOP_SIGNALS}
     try:
-        return iter(loader)
+        iterator = iter(loader)
+        _running.add(iterator)
+        return iterator
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         for signum in received[:1]:
             signal.raise_signal(signum)
+
+
+def in_shared_memory(batch):
+    """batch, moved into shared memory when this is a loader process. Otherwise the move happens when the batch
+    is sent, in a thread of the loader process whose error is only printed, and the run waits forever for the
+    batch (a container's small /dev/shm); here the error reaches the main process (cli.run_main: one line)."""
+    if torch.utils.data.get_worker_info() is not None:
+        batch.share_memory_()
+    return batch
 
 
 def collate(items):
@@ -325,7 +361,7 @@ def collate(items):
     if good:
         # numpy's copy runs on this thread alone: torch.stack would start an intra-op thread team, which
         # waits for a free core while the evaluation's PNG threads are busy.
-        images = torch.from_numpy(np.stack([item["image"].numpy() for item in good]))
+        images = in_shared_memory(torch.from_numpy(np.stack([item["image"].numpy() for item in good])))
     else:
         images = torch.empty(0, 3, 0, 0, dtype=torch.uint8)
     return images, [item["path"] for item in good], skipped

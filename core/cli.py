@@ -1,10 +1,13 @@
 """Command-line plumbing shared by the scripts: the Config.py settings each script reads, their
 --key=value overrides and checks, --help, and the exit codes of run_main."""
+import atexit
+import contextlib
 import math
 import os
 import select
 import signal
 import sys
+import threading
 import tokenize
 import traceback
 import types
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 
 
 from core import malloc_tuning
-from core.errors import RankError, UserError
+from core import streams
+from core.errors import RankError, UserError, exhausted
 
 
 # The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
@@ -273,28 +277,75 @@ def _stdout_closed():
         return False
 
 
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """The stop signals (runtime.STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP) raise KeyboardInterrupt with their
+    signum; later ones are ignored until the process ends (training installs its own handler inside). Signals a
+    process was started with blocked stay blocked (runtime.spawn's processes, until training unblocks them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    from core.training_state import Interrupts  # imports torch: not needed to read the settings
+    interrupts = Interrupts(immediate=True)
+    try:
+        with interrupts.installed(unblock=False):
+            yield
+    finally:
+        # From the first signal on they stay ignored: loader processes are shut down (which takes seconds) only
+        # once the interrupt's traceback is freed, after this.
+        if interrupts.signum is not None:
+            _ignore_stop_signals()
+
+
+def _ignore_stop_signals():
+    """Once a run is interrupted, further presses of Ctrl-C while the process ends (loader processes shutting
+    down, multiprocessing's exit hook) are not a KeyboardInterrupt traceback."""
+    from core.runtime import STOP_SIGNALS
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def exhausted_line(kind, reason, cfg=None):
+    """The one line for a run that found the machine out of kind (errors.exhausted): what to lower or raise."""
+    if kind == "shared memory":
+        return (f"the loader processes ran out of shared memory ({reason}): give the container more (docker run "
+                "--shm-size=2g) or pass --num_workers=0")
+    if kind == "open files":
+        return f"too many open files ({reason}): raise the limit (ulimit -n 4096) or pass --num_workers=0"
+    values = vars(cfg) if cfg is not None else {}
+    knobs = [f"{key} (now {values[key]})" for key in ("batch_size_train", "batch_size_test", "tile_size",
+                                                      "num_workers") if key in values]
+    lower = f"lower {', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else "free memory for it"
+    return f"out of memory ({reason}): {lower}, or run where more memory is available"
+
+
 def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
     Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only),
-    exit 2; an interrupt (KeyboardInterrupt, with the signal number as its signum attribute when it came
-    from SIGTERM) is the line `interrupted`,
-    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
-    quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
-    while a plain pipeline still reports head's status."""
+    exit 2; an interrupt (KeyboardInterrupt, with the signal number as its signum attribute when a stop
+    signal caused it) is the line `interrupted`, exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM,
+    129 for SIGHUP); stdout closed by its reader (`| head`) is a quiet exit 141, the status of a program
+    ended by SIGPIPE: not 0, since the work stopped unfinished, while a plain pipeline still reports head's
+    status. Any other failure of stdout or stderr (closed, a full disk) drops their output and the work goes
+    on (streams.guard). Running out of memory, shared memory or open files is one line `error: ...` saying
+    what to lower or raise, exit 2."""
+    streams.guard()
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    cfg = None
     try:
-        if script is None:
-            main()
-        else:
-            cfg = load_config(argv, script, loss)
-            malloc_tuning.apply(cfg.keep_freed_memory)
-            main(cfg)
-        sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
+        with _stop_signals_interrupt():
+            if script is None:
+                main()
+            else:
+                cfg = load_config(argv, script, loss)
+                malloc_tuning.apply(cfg.keep_freed_memory)
+                main(cfg)
+            sys.stdout.flush()  # a reader gone while the last lines were buffered shows here, not at exit
     except UserError as err:
         # Under torchrun every process meets the same problem: the first process of each machine alone
         # reports it (one line on one machine; a folder missing on one machine of several is still named),
@@ -303,6 +354,8 @@ def run_main(main, script=None, loss=None, argv=None):
             print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
+        if threading.current_thread() is threading.main_thread():
+            atexit.register(_ignore_stop_signals)  # runs before the exit hooks registered earlier
         print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
@@ -311,3 +364,9 @@ def run_main(main, script=None, loss=None, argv=None):
         # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except (MemoryError, RuntimeError, OSError) as err:
+        found = exhausted(err)
+        if found is None:
+            raise
+        print(f"error: {exhausted_line(*found, cfg)}", file=sys.stderr)
+        sys.exit(2)

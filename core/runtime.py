@@ -16,6 +16,7 @@ from multiprocessing.connection import wait
 import torch
 import torch.distributed as dist
 
+from core import streams
 from core.errors import RankError, UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "off")
@@ -24,44 +25,15 @@ _said_cpu = False
 
 
 def say(*parts):
-    """print() to stdout, flushed. Training output goes through here and through keep_going_without_stdout."""
+    """print() to stdout, flushed (a failing stdout is handled by streams.guard)."""
     print(*parts, flush=True)
 
 
-class _Stdout:
-    """sys.stdout that, once the reader has gone (| head), sends the rest of the output to /dev/null."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _drop(self):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._drop()
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._drop()
-            self._stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
 def keep_going_without_stdout():
-    """Training must not stop (without its checkpoint) because the reader of its output went away
-    (`python Training_MSE.py | head -1`): from then on its prints go nowhere."""
-    if not isinstance(sys.stdout, _Stdout) and hasattr(sys.stdout, "fileno"):
-        sys.stdout = _Stdout(sys.stdout)
+    """Training must not stop (without its checkpoint) because of its own output: stdout's reader gone
+    (`python Training_MSE.py | head -1`), stdout or stderr closed or on a full disk. From then on that
+    output goes nowhere."""
+    streams.guard(keep_going_without_stdout=True)
 
 
 def gpu_ids(gpus):
@@ -123,10 +95,38 @@ def select_device(gpus, local_rank=None, local_world=None):
 
 def worker_count(requested):
     """Loader processes to start: num_workers from Config, but no more than the CPUs this process may use
-    (more only add start-up time and memory)."""
+    (more only add start-up time and memory), nor than the open-file limit allows (open_file_share)."""
     if requested < 0:
         raise UserError(f"num_workers={requested} must be 0 or more")
-    return min(requested, cpu_count())
+    return open_file_share(min(requested, cpu_count()))
+
+
+_FILES_BASE, _FILES_PER_WORKER = 16, 6  # open files of this process, and the pipes and batches of each worker
+_said_files = False
+
+
+def open_file_share(workers):
+    """How many of workers loader processes the open-file limit (ulimit -n) leaves room for, raising the limit
+    to its ceiling first where that helps (any process may). Too few files for a worker's batches make it fail
+    in a thread whose error is only printed, and the run waits forever; fewer workers are said once."""
+    global _said_files
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit
+        return workers
+    need = _FILES_BASE + _FILES_PER_WORKER * workers
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if workers == 0 or soft == resource.RLIM_INFINITY or soft >= need:
+        return workers
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    allowed = max(0, min(workers, (soft - _FILES_BASE) // _FILES_PER_WORKER))
+    if allowed < workers and not _said_files and launch_slot()[0] == 0:
+        say(f"warning: the open-file limit ({soft}, ulimit -n) is too low for {workers} loader processes: using "
+            f"{allowed}; raise it (ulimit -n 4096) to use num_workers={workers}")
+        _said_files = True
+    return allowed
 
 
 def cpu_count():
@@ -137,14 +137,16 @@ def cpu_count():
         return os.cpu_count() or 1
 
 
-_INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
+# The signals that stop a run as Ctrl-C does (an interrupt checkpoint in training, the line `interrupted`, exit
+# 128 + the signal): Ctrl-C, a scheduler's SIGTERM, and SIGHUP (the terminal closed, the ssh session dropped).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 @contextlib.contextmanager
 def interrupts_blocked():
-    """SIGINT and SIGTERM wait while loader workers start (iter(loader)): the workers start with them
+    """The stop signals wait while loader workers start (iter(loader)): the workers start with them
     blocked, and ignore them from worker_init_fn on (ignore_interrupts)."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _INTERRUPTS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
@@ -160,9 +162,9 @@ def loader_start_method():
 def ignore_interrupts(worker_id=None):
     """DataLoader worker_init_fn: Ctrl-C and a scheduler's SIGTERM reach the whole process group; the loader
     workers leave them to the main process, which stops cleanly and then shuts them down."""
-    for signum in _INTERRUPTS:
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _INTERRUPTS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     threading.excepthook = _quiet_once_main_is_gone
     sys.excepthook = _quiet_thread_excepthook(sys.excepthook)
 
@@ -317,11 +319,11 @@ def _environment(**values):
 
 def spawn(processes, target, args):
     """Run target(*args) in `processes` new processes on this machine, ranks 0..processes-1, as torchrun
-    would. A SIGINT or SIGTERM to this process is passed on to every process (a process reached twice, by
+    would. A stop signal (STOP_SIGNALS) to this process is passed on to every process (a process reached twice, by
     a signal to the whole group, acts on the first); each finishes its step and saves, and this process
     then raises KeyboardInterrupt with that signal's signum. Returns the processes' exit codes."""
     store = dist.TCPStore("127.0.0.1", 0, processes, is_master=True, wait_for_workers=False)
-    signals = {s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN}
+    signals = {s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     received, children = [], []
 
     def forward(signum, frame):

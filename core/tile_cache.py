@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from core import runtime
-from Dataset import start_batches
+from Dataset import in_shared_memory, start_batches
 
 DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache
 NO_LIMIT = 2 ** 60  # cgroup v1 writes "no limit" as a number near 2**63
@@ -131,7 +131,7 @@ class CachedTiles(torch.utils.data.Dataset):
 def _stack_with_errors(items):
     """collate_fn of the caching loader: (readable images stacked, error or None per item, in order)."""
     good = [item["image"] for item in items if item["image"] is not None]
-    stacked = torch.stack(good) if good else None
+    stacked = in_shared_memory(torch.stack(good)) if good else None
     return stacked, [item["error"] if item["image"] is None else None for item in items]
 
 

@@ -20,6 +20,7 @@ import torch
 
 from core import checkpoint_io
 from core import loss_log
+from core import runtime
 from core.errors import UserError
 from core.outputs import is_read_only
 
@@ -70,7 +71,8 @@ def move_aside(paths, say):
 
 
 class Interrupts:
-    """Ctrl-C (SIGINT) and a job scheduler's SIGTERM stop training with an interrupt checkpoint. The first
+    """Ctrl-C (SIGINT), a job scheduler's SIGTERM and SIGHUP (runtime.STOP_SIGNALS) stop training with an
+    interrupt checkpoint, and every other script with the line `interrupted` (cli.run_main). The first
     signal counts; later ones are ignored, so nothing cuts the save short (kill -9 stops at once). Inside
     deferred() (one optimisation step) the signal waits for the step to end: the checkpoint never holds half
     a step. In one process (immediate) a signal elsewhere stops at once; with several, where all agree to
@@ -101,13 +103,15 @@ class Interrupts:
                 os.write(2, f"\n{signal.Signals(signum).name}: {self.notice}\n".encode())
 
     @contextlib.contextmanager
-    def installed(self):
-        signals = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    def installed(self, unblock=True):
+        """unblock=False leaves the stop signals blocked where they are (in a process runtime.spawn started,
+        until training installs its own handler)."""
+        signals = [s for s in runtime.STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
         previous = {s: signal.signal(s, self._handle) for s in signals}
         if not self.immediate:
             for s in signals:  # a signal must not break off a blocking call inside a collective op
                 signal.siginterrupt(s, False)
-        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # runtime.spawn starts processes blocked
+        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals if unblock else [])
         try:
             yield self
         finally:
