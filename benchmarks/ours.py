@@ -15,7 +15,7 @@ from benchmarks import reference
 from benchmarks.measure import quietly
 from core.cli import load_config
 from core.runtime import autocast
-from core.metrics import LOSSES
+from core.losses import LOSSES
 
 
 def decode(paths, tile_size, device):

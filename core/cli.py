@@ -10,20 +10,20 @@ import types
 from dataclasses import dataclass
 
 
+from core import losses
 from core import malloc_tuning
 from core.errors import UserError
 
 
-# The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
+# The Config keys each script reads, besides the keys of its loss (losses.KEY_STEMS). A key given on the command
 # line that the script does not read is an error, not a warning: a silently ignored key evaluates the wrong
 # model (Evaluation_MSE.py --model_path_ssim=... would report the MSE model's metrics, exit 0).
 SCRIPT_KEYS = {
     "training": """GPUs num_workers seed mixed_precision keep_freed_memory folder_path_train tile_size
                    train_crop_size num_epochs batch_size_train learning_rate weight_decay lr_schedule augment
-                   val_fraction sync_batchnorm compile_model cache_tiles model_saved_location_{loss}
-                   save_interval keep_checkpoints finite_check_interval resume training_loss_file_{loss}""".split(),
-    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
-                     model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
+                   val_fraction sync_batchnorm compile_model cache_tiles save_interval keep_checkpoints
+                   finite_check_interval resume""".split(),
+    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
                    folder_path_features model_path_ssim features_output""".split(),
     "tiles": """keep_freed_memory tile_size tile_stride slide_path tiles_output_folder tissue_fraction
@@ -31,7 +31,7 @@ SCRIPT_KEYS = {
 }
 SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
                 "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py"}
-LOSS_NAMES = ("mse", "ssim")
+LOSS_NAMES = losses.NAMES
 
 
 @dataclass(frozen=True)
@@ -60,10 +60,8 @@ class Rule:
 COUNT, TEXT, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule(bool), Rule("switch")
 PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
 RULES = {
-    **dict.fromkeys("""GPUs folder_path_train model_saved_location_mse model_saved_location_ssim
-                       training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
-                       recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
-                       slide_path tiles_output_folder exclude_tiles_in folder_path_features
+    **dict.fromkeys(losses.config_keys(), TEXT),
+    **dict.fromkeys("""GPUs folder_path_train folder_path_test slide_path tiles_output_folder exclude_tiles_in folder_path_features
                        features_output""".split(), TEXT),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
     **dict.fromkeys("augment sync_batchnorm compile_model resume".split(), FLAG),
@@ -133,14 +131,16 @@ def script_keys(script=None, loss=None):
     if script not in SCRIPT_KEYS or loss not in (None, *LOSS_NAMES):
         raise ValueError(f"script={script!r}, loss={loss!r}: script is one of {', '.join(SCRIPT_KEYS)}, "
                          f"loss one of {', '.join(LOSS_NAMES)} or None")
-    return {key.format(loss=name) for key in SCRIPT_KEYS[script] for name in ([loss] if loss else LOSS_NAMES)}
+    records = [losses.get(loss)] if loss else losses.RECORDS
+    return set(SCRIPT_KEYS[script]).union(*(record.keys(script) for record in records))
 
 
 def script_name(script=None, loss=None):
     """How messages name the script: its file (Training_MSE.py); the program's name without a script."""
     if script is None:
         return os.path.basename(sys.argv[0]) or "python"
-    return SCRIPT_FILES[script].format(LOSS=loss.upper() if loss else "MSE/SSIM")
+    return SCRIPT_FILES[script].format(LOSS=losses.get(loss).tag if loss else "/".join(
+        record.tag for record in losses.RECORDS))
 
 
 def descriptions(path):
@@ -187,8 +187,8 @@ def _argument_error(arg, values, keys, name):
     if key not in values:
         return UserError(f"unknown Config key {key!r}; valid keys: {valid}")
     stem, _, loss = key.rpartition("_")
-    twin = f"{stem}_{({'mse': 'ssim', 'ssim': 'mse'}).get(loss)}"
-    hint = f" (did you mean --{twin}?)" if twin in keys else ""
+    twins = [f"{stem}_{other}" for other in LOSS_NAMES if loss in LOSS_NAMES and f"{stem}_{other}" in keys]
+    hint = f" (did you mean --{twins[0]}?)" if twins else ""
     return UserError(f"--{key} is not read by {name}{hint}; python {name} --help lists the settings it reads")
 
 

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from core import inference
+from core import losses
 from core import runtime
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
@@ -27,18 +28,19 @@ from core.runtime import cpu_count, precision_name
 
 def check_outputs(cfg, loss_name):
     """The output settings of loss_name, checked before any work; returns (folder of PNGs, workbook path)."""
-    out_dir = getattr(cfg, f"recon_output_{loss_name}")
-    workbook_path = getattr(cfg, f"reconstruction_metrics_{loss_name}")
+    loss = losses.get(loss_name)
+    out_key, workbook_key = loss.key("recon_output"), loss.key("reconstruction_metrics")
+    out_dir, workbook_path = getattr(cfg, out_key), getattr(cfg, workbook_key)
     if not workbook_path.lower().endswith(".xlsx"):
-        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} must end in .xlsx")
+        raise UserError(f"{workbook_key}={workbook_path!r} must end in .xlsx")
     if os.path.isdir(workbook_path):
-        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} is a folder: give a file name "
+        raise UserError(f"{workbook_key}={workbook_path!r} is a folder: give a file name "
                         "ending in .xlsx")
     check_target(workbook_path)
     check_writable(out_dir)
     check_writable(os.path.dirname(workbook_path))
     if os.path.isdir(cfg.folder_path_test) and os.path.samefile(out_dir, cfg.folder_path_test):
-        raise UserError(f"recon_output_{loss_name}={out_dir!r} is the image folder itself: its comparison PNGs "
+        raise UserError(f"{out_key}={out_dir!r} is the image folder itself: its comparison PNGs "
                         "would be mixed with the tiles; choose another folder (a subfolder of it is fine)")
     return out_dir, workbook_path
 
@@ -79,8 +81,8 @@ def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
 
 
 def evaluate(cfg, loss_name):
-    """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows."""
-    model_path, folder = getattr(cfg, f"model_path_{loss_name}"), cfg.folder_path_test
+    """Evaluate the model of loss_name (a name in losses.RECORDS) on folder_path_test; returns the metric rows."""
+    model_path, folder = getattr(cfg, losses.get(loss_name).key("model_path")), cfg.folder_path_test
     inference.check_settings(cfg)
     out_dir, workbook_path = check_outputs(cfg, loss_name)
     run = inference.setup(cfg, folder, model_path, exclude=[out_dir])

@@ -51,8 +51,3 @@ def per_image(reconstruction, original):
     errors = mse(reconstruction, original)
     return {"MSE": errors, "PSNR": psnr_from_mse(errors), "SSIM": ssim(reconstruction, original, reduce=False)}
 
-
-LOSSES = {
-    "mse": lambda output, target: torch.nn.functional.mse_loss(output.float(), target.float()),
-    "ssim": lambda output, target: 1.0 - ssim(output, target),
-}

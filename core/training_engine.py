@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from core import checkpoint_io
 from core import loss_log
+from core import losses
 from core import runtime
 from core import training_data
 from core import training_state
@@ -24,7 +25,7 @@ from core.augmentation import prepare_batch
 from core.errors import UserError
 from core.cli import load_config, run_main
 from core.inference import reconstruct
-from core.metrics import LOSSES
+from core.losses import LOSSES
 from core.outputs import check_writable
 from core.runtime import Distributed, autocast, autocast_dtype, precision_name
 
@@ -121,13 +122,14 @@ def check_weights(run, epoch):
 
 
 def run_paths(cfg, loss_name):
-    """The files of a run of loss_name ('mse' or 'ssim')."""
-    folder, log = getattr(cfg, f"model_saved_location_{loss_name}"), getattr(cfg, f"training_loss_file_{loss_name}")
+    """The files of a run of loss_name (a name in losses.RECORDS)."""
+    loss = losses.get(loss_name)
+    folder, log = getattr(cfg, loss.key("model_saved_location")), getattr(cfg, loss.key("training_loss_file"))
     return types.SimpleNamespace(
         folder=folder, log=log, plot=os.path.splitext(log)[0] + ".png",
         interrupt=os.path.join(folder, training_state.INTERRUPT_NAME),
-        final=os.path.join(folder, f"Final_Model_AE_{loss_name.upper()}.pth"),
-        best=os.path.join(folder, f"Best_Model_AE_{loss_name.upper()}.pth"))
+        final=os.path.join(folder, f"Final_Model_AE_{loss.tag}.pth"),
+        best=os.path.join(folder, f"Best_Model_AE_{loss.tag}.pth"))
 
 
 def set_up(cfg, loss_name, paths, ddp, interrupts):
@@ -137,7 +139,8 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
         check_writable(paths.folder)
         check_writable(os.path.dirname(paths.log))
         if os.path.isdir(paths.log):
-            raise UserError(f"training_loss_file_{loss_name}={paths.log!r} is a folder: give a .csv file name")
+            raise UserError(f"{losses.get(loss_name).key('training_loss_file')}={paths.log!r} is a folder: "
+                            "give a .csv file name")
     if cfg.batch_size_train % ddp.world or cfg.batch_size_train < 2 * ddp.world:
         raise UserError(f"batch_size_train={cfg.batch_size_train} must be divisible by the {ddp.world} training "
                         "process(es) and give each at least 2 tiles (BatchNorm needs two)")
@@ -159,7 +162,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
                 "each CPU process keeps its own statistics.")
     amp_dtype = autocast_dtype(device, cfg.mixed_precision, training=True)
     run = types.SimpleNamespace(
-        cfg=cfg, loss_name=loss_name, paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
+        cfg=cfg, loss_name=loss_name, loss=losses.get(loss_name), paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
         raw_model=raw_model, amp_dtype=amp_dtype, loss_fn=LOSSES[loss_name],
         optimizer=training_state.adam(raw_model, device, cfg.learning_rate, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -171,7 +174,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     if run.start_epoch <= cfg.num_epochs:
         say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
             f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
-            f"{loss_name.upper()} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
+            f"{run.loss.tag} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
     return run
 
 
@@ -247,9 +250,10 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
     due = epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs
     failure = None
     if ddp.main:
-        if val and (val["MSE"] if run.loss_name == "mse" else 1 - val["SSIM"]) < run.best_val:
+        score = run.loss.val_loss(val[run.loss.val_metric]) if val else None
+        if val and score < run.best_val:
             checkpoint_io.save(run.raw_model.state_dict(), paths.best)
-            run.best_val = val["MSE"] if run.loss_name == "mse" else 1 - val["SSIM"]  # only once saved
+            run.best_val = score  # only once saved
         if due:
             checkpoint_io.save(training_state.periodic_state(run, epoch, average),
                                os.path.join(paths.folder, f"Model_AE_epoch_{epoch:03d}.pth"))
@@ -299,7 +303,7 @@ def finish(run):
 
 
 def train(cfg, loss_name):
-    """Train an AutoEncoder with loss_name ('mse' or 'ssim') as Config says; returns the loss log rows."""
+    """Train an AutoEncoder with loss_name (a name in losses.RECORDS) as Config says; returns the loss log rows."""
     validate(cfg)
     paths = run_paths(cfg, loss_name)
     immediate = int(os.environ.get("WORLD_SIZE", "1")) == 1

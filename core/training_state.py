@@ -287,7 +287,7 @@ def start_or_resume(run):
         target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
                                        rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
         run.start_epoch, run.partial, run.history, run.best_val = restore(
-            run.paths, target, run.settings, f"model_saved_location_{run.loss_name}", run.say)
+            run.paths, target, run.settings, run.loss.key("model_saved_location"), run.say)
     seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
     run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
 
