@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps
 
 from core.errors import UserError
-from core.outputs import printable, special_kind
+from core.names import printable, special_kind
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name

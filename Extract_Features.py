@@ -31,7 +31,8 @@ from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
 from core.inference import run_model
-from core.outputs import check_target, check_writable, printable, replace_together
+from core.atomic import check_target, check_writable, replace_together
+from core.names import printable
 from core.runtime import precision_name
 
 FEATURE_DIM = 512

@@ -17,7 +17,9 @@ from tqdm import tqdm
 from Dataset import PILLOW_FORMATS, upright_rgb
 from core.errors import UserError
 from core.cli import run_main
-from core.outputs import check_writable, printable, write_png
+from core.atomic import check_writable
+from core.names import printable
+from core.png import write_png
 
 _POSITION = re.compile(r"_x(\d+)_y(\d+)\.png$", re.IGNORECASE)
 _PYRAMID_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".svslide", ".bif")

@@ -1,6 +1,6 @@
 """Saving and loading checkpoints safely.
 
-Saving is atomic (outputs.atomic_write), so a crash, a kill or a full disk at any moment leaves the
+Saving is atomic (atomic.atomic_write), so a crash, a kill or a full disk at any moment leaves the
 previous file intact. Loading uses weights_only=True, so a checkpoint can never run code,
 and accepts our training checkpoints, bare state dicts, DataParallel/DDP ("module.") and
 torch.compile ("_orig_mod.") prefixes, and float16 weights; anything else (sparse, integer, complex or
@@ -14,13 +14,13 @@ import warnings
 import torch
 
 from core.errors import UserError
-from core.outputs import atomic_write
+from core.atomic import atomic_write
 
 _PREFIXES = ("module.", "_orig_mod.")
 
 
 def save(obj, path):
-    """torch.save, atomically (outputs.atomic_write)."""
+    """torch.save, atomically (atomic.atomic_write)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

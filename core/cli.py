@@ -2,7 +2,6 @@
 --key=value overrides and checks, --help, and the exit codes of run_main."""
 import math
 import os
-import select
 import signal
 import sys
 import tokenize
@@ -12,7 +11,9 @@ from dataclasses import dataclass
 
 from core import losses
 from core import malloc_tuning
+from core import stdout
 from core.errors import UserError
+from core.runtime import PRECISIONS
 
 
 # The Config keys each script reads, besides the keys of its loss (losses.KEY_STEMS). A key given on the command
@@ -71,7 +72,7 @@ RULES = {
     # torch's generators take 64 bits and numpy's legacy seeding 32; the training loop derives per-epoch seeds
     # as seed * 100003 * 64 + ..., which must stay below 2**64. 32 bits leave room for that.
     "seed": Rule(int, low=0, high=2**32 - 1),
-    "mixed_precision": Rule(("auto", "bf16", "fp16", "off")),
+    "mixed_precision": Rule(PRECISIONS),
     "lr_schedule": Rule(("constant", "cosine")),
     "tile_size": Rule(int, low=1, high=PIXELS),
     "train_crop_size": Rule(int, low=0, high=PIXELS),
@@ -224,18 +225,6 @@ def load_config(argv=None, script=None, loss=None):
     return types.SimpleNamespace(**settings)
 
 
-def _stdout_closed():
-    """Whether stdout is a pipe whose reader has gone, so that a BrokenPipeError came from it."""
-    if not hasattr(select, "poll"):  # Windows: assume so, as Python's documented recipe does
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), 0)  # errors and hang-ups are reported whatever is asked for
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no file behind stdout
-        return False
-
-
 def run_main(main, script=None, loss=None, argv=None):
     """A script's entry point. With script, main(cfg) gets load_config(argv, script, loss), after the
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
@@ -264,8 +253,7 @@ def run_main(main, script=None, loss=None, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
-        if not _stdout_closed():
+        if not stdout.reader_gone():
             raise
-        # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        stdout.discard()  # else Python would report the failed flush of stdout once more at exit
         sys.exit(141)

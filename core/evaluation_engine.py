@@ -21,7 +21,8 @@ from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
 from core.inference import reconstruct
-from core.outputs import check_target, check_writable, printable
+from core.atomic import check_target, check_writable
+from core.names import printable
 from core.report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
 from core.runtime import cpu_count, precision_name
 

@@ -7,7 +7,7 @@ import os
 
 from core import losses
 from core.errors import UserError
-from core.outputs import atomic_write
+from core.atomic import atomic_write
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 _FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SSIM": "{:.6f}",

@@ -8,7 +8,9 @@ import openpyxl
 from openpyxl.styles import Font
 from PIL import Image, ImageDraw, ImageFont
 
-from core.outputs import atomic_write, printable, write_png
+from core.atomic import atomic_write
+from core.names import printable
+from core.png import write_png
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
 _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix

@@ -24,44 +24,8 @@ _said_cpu = False
 
 
 def say(*parts):
-    """print() to stdout, flushed. Training output goes through here and through keep_going_without_stdout."""
+    """print() to stdout, flushed. Training output goes through here and through stdout.keep_going_without_stdout."""
     print(*parts, flush=True)
-
-
-class _Stdout:
-    """sys.stdout that, once the reader has gone (| head), sends the rest of the output to /dev/null."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def _drop(self):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._drop()
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._drop()
-            self._stream.flush()
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def keep_going_without_stdout():
-    """Training must not stop (without its checkpoint) because the reader of its output went away
-    (`python Training_MSE.py | head -1`): from then on its prints go nowhere."""
-    if not isinstance(sys.stdout, _Stdout) and hasattr(sys.stdout, "fileno"):
-        sys.stdout = _Stdout(sys.stdout)
 
 
 def gpu_ids(gpus):

@@ -17,6 +17,7 @@ from core import checkpoint_io
 from core import loss_log
 from core import losses
 from core import runtime
+from core import stdout
 from core import training_data
 from core import training_state
 from Auto_encoder import DOWNSAMPLING, AutoEncoder
@@ -26,7 +27,7 @@ from core.errors import UserError
 from core.cli import load_config, run_main
 from core.inference import reconstruct
 from core.losses import LOSSES
-from core.outputs import check_writable
+from core.atomic import check_writable
 from core.runtime import Distributed, autocast, autocast_dtype, precision_name
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
@@ -326,7 +327,7 @@ def train(cfg, loss_name):
 def _worker(loss_name, argv):
     """Entry point of one process started by runtime.spawn: as main(), but an interrupt only sets the exit
     code (the launching process reports it)."""
-    runtime.keep_going_without_stdout()
+    stdout.keep_going_without_stdout()
 
     def quietly_interrupted(cfg):
         try:
@@ -353,5 +354,5 @@ def launch(loss_name, argv, processes=None):
 
 
 def main(loss_name):
-    runtime.keep_going_without_stdout()
+    stdout.keep_going_without_stdout()
     run_main(lambda cfg: launch(loss_name, sys.argv[1:]), "training", loss_name)
