@@ -102,10 +102,15 @@ def _to_rgb(img):
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
+        img = on_white(img)
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
+
+
+def on_white(img):
+    """An image with transparency composited on white, as RGBA: transparent areas of a tile or a slide
+    region are glass, whose background is white."""
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
 
 
 def upright_rgb(img):

@@ -23,7 +23,7 @@ from core.cli import run_main
 from core.inference import reconstruct
 from core.atomic import check_target, check_writable
 from core.names import printable
-from core.report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
+from core.report import METRIC_NAMES, comparison_names, save_comparisons, summarise, write_workbook
 from core.runtime import cpu_count, precision_name
 
 
@@ -127,10 +127,8 @@ def evaluate(cfg, loss_name):
                         "(see the warnings above); nothing was written")
     write_workbook(workbook_path, rows, skips.skipped, model_path, folder, precision_name(run.amp_dtype))
     print(f"Evaluated {len(rows)} images; {skips.summary()}.")
-    for name in METRIC_NAMES:
-        values = np.array([row[name] for row in rows])
-        std = values.std(ddof=1) if len(values) > 1 else math.nan
-        print(f"  {name:<4} mean {values.mean():.5f}  std {std:.5f}")
+    for name, (_, mean, std, _, _) in summarise(rows).items():
+        print(f"  {name:<4} mean {mean:.5f}  std {math.nan if std is None else std:.5f}")
     print(f"Comparison PNGs in {printable(out_dir)}; metrics workbook {printable(workbook_path)}.")
     return rows
 

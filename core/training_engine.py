@@ -20,7 +20,7 @@ from core import runtime
 from core import stdout
 from core import training_data
 from core import training_state
-from Auto_encoder import DOWNSAMPLING, AutoEncoder
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits
 from Dataset import ImageFolder, SkipLog
 from core.augmentation import prepare_batch
 from core.errors import UserError
@@ -35,9 +35,9 @@ PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and aft
 
 def validate(cfg):
     """Checks across settings (cli.load_config has checked each setting on its own)."""
-    if cfg.tile_size % DOWNSAMPLING:
+    if not fits(cfg.tile_size):
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
-    if cfg.train_crop_size and (cfg.train_crop_size % DOWNSAMPLING or cfg.train_crop_size > cfg.tile_size):
+    if cfg.train_crop_size and (not fits(cfg.train_crop_size) or cfg.train_crop_size > cfg.tile_size):
         raise UserError(f"train_crop_size={cfg.train_crop_size} must be 0 or a multiple of {DOWNSAMPLING} "
                         f"no larger than tile_size={cfg.tile_size}")
 
@@ -129,8 +129,8 @@ def run_paths(cfg, loss_name):
     return types.SimpleNamespace(
         folder=folder, log=log, plot=os.path.splitext(log)[0] + ".png",
         interrupt=os.path.join(folder, training_state.INTERRUPT_NAME),
-        final=os.path.join(folder, f"Final_Model_AE_{loss.tag}.pth"),
-        best=os.path.join(folder, f"Best_Model_AE_{loss.tag}.pth"))
+        final=os.path.join(folder, training_state.model_name("Final", loss)),
+        best=os.path.join(folder, training_state.model_name("Best", loss)))
 
 
 def set_up(cfg, loss_name, paths, ddp, interrupts):
@@ -257,7 +257,7 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
             run.best_val = score  # only once saved
         if due:
             checkpoint_io.save(training_state.periodic_state(run, epoch, average),
-                               os.path.join(paths.folder, f"Model_AE_epoch_{epoch:03d}.pth"))
+                               os.path.join(paths.folder, training_state.epoch_name(epoch)))
             training_state.prune_checkpoints(paths.folder, cfg.keep_checkpoints, epoch)
             if os.path.exists(paths.interrupt):
                 os.remove(paths.interrupt)

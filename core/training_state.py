@@ -22,14 +22,27 @@ from core import checkpoint_io
 from core import loss_log
 from core.errors import UserError
 
+# The checkpoint names, the reference's where it has them: Model_AE_epoch_005.pth, Model_AE_interrupt.pth,
+# Final_Model_AE_MSE.pth, Best_Model_AE_MSE.pth.
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
-_EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")
+_EPOCH_PREFIX = "Model_AE_epoch_"
+_EPOCH_FILE = re.compile(re.escape(_EPOCH_PREFIX) + r"(\d+)\.pth")
+
+
+def epoch_name(epoch):
+    """The periodic checkpoint of epoch."""
+    return f"{_EPOCH_PREFIX}{epoch:03d}.pth"
+
+
+def model_name(kind, loss):
+    """The weights-only model kind ("Final" or "Best") of a run of loss (a losses.Loss)."""
+    return f"{kind}_Model_AE_{loss.tag}.pth"
 
 
 def periodic_checkpoints(folder):
     """[(epoch, path)] of the Model_AE_epoch_NNN.pth files in folder, oldest first."""
     found = []
-    for path in glob.glob(os.path.join(glob.escape(folder), "Model_AE_epoch_*.pth")):
+    for path in glob.glob(os.path.join(glob.escape(folder), _EPOCH_PREFIX + "*.pth")):
         match = _EPOCH_FILE.fullmatch(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
