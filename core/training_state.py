@@ -151,7 +151,7 @@ def experiment(cfg, loss_name, model):
 
 def check_experiment(state, source, settings, folder_key):
     saved = state.get("settings")
-    if not isinstance(saved, dict):  # written before checkpoints carried their settings
+    if not isinstance(saved, dict):  # the reference code's Model_AE_epoch_NNN.pth carries no settings
         return
     differ = [f"{key}={saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
               if saved.get(key) != value]
@@ -236,20 +236,18 @@ def _rank_part(state, source, rank, world, batch_size):
         raise Refused(f"{source!r} stopped epoch {state['epoch']} part-way with batch_size_train={saved_batch} in "
                       f"{saved_world} process(es); this run has batch_size_train={batch_size} in {world}: resume it "
                       "with the same, or delete it to redo that epoch from the last periodic checkpoint")
-    if "aug_rng_states" in state:
-        parts = (state["aug_rng_states"], state["rank_loss_sums"], state["rank_loss_counts"])
-        if not all(isinstance(p, list) and len(p) == world for p in parts):
-            raise UserError(f"cannot resume from {source!r}: its per-process state is incomplete; delete it "
-                            "to redo that epoch from the last periodic checkpoint")
-        return tuple(p[rank] for p in parts)
-    return state["aug_rng_state"], state["loss_sum"], state["loss_count"]  # one-process file of an earlier version
+    parts = (state.get("aug_rng_states"), state.get("rank_loss_sums"), state.get("rank_loss_counts"))
+    if not all(isinstance(p, list) and len(p) == world for p in parts):
+        raise UserError(f"cannot resume from {source!r}: its per-process state is incomplete; delete it "
+                        "to redo that epoch from the last periodic checkpoint")
+    return tuple(p[rank] for p in parts)
 
 
 def _history(state, log, up_to_epoch):
     rows = state.get("history")
     if isinstance(rows, list) and all(isinstance(r, dict) and str(r.get("Epoch", "")).isdigit() for r in rows):
         return [dict(r) for r in rows if int(r["Epoch"]) <= up_to_epoch]
-    return loss_log.read_history(log, up_to_epoch)  # a checkpoint of an earlier version: the log is all there is
+    return loss_log.read_history(log, up_to_epoch)  # the reference code's checkpoint: the log is all there is
 
 
 def restore(paths, target, settings, folder_key, say):
