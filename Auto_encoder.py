@@ -67,7 +67,7 @@ class AutoEncoder(nn.Module):
 def for_inference(model):
     """An inference copy of model (eval mode): every BatchNorm folded into the convolution before it, its
     eval-mode statistics becoming that convolution's weights and bias, and the activations computed in
-    place. The same function, about 1.6x faster on a CPU. Its state dict lacks the BatchNorm keys: save
+    place. The same function, faster. Its state dict lacks the BatchNorm keys: save
     the original model, never this copy."""
     folded = copy.deepcopy(model).eval()
     for stack in (folded.encoder, folded.decoder):

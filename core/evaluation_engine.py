@@ -59,10 +59,10 @@ def comparison_writers(device, loader_workers):
     """(the pool that draws and encodes the comparison PNGs, the parts each batch is split into, the batches
     whose PNGs may be in progress when the next batch goes through the model).
     Beside a forward pass on the CPU: threads (numpy and zlib release the GIL, and processes would take the
-    network's cores), one batch, as work beside the forward pass stalls its threads (measured: the forward
-    slowed by about three times the work added). Beside a GPU: processes, one per CPU the loader workers
-    leave, because drawing a comparison image holds the GIL (about 1 ms of the 6 ms a tile takes), which caps
-    threads near 1,000 tiles/s; two batches, so that the processes do not wait while the GPU works."""
+    network's cores), one batch, as work beside the forward pass stalls its threads. Beside a GPU: processes,
+    one per CPU the loader workers leave, because drawing a comparison image holds the GIL, which would cap
+    threads below the GPU's pace; two batches, so that the processes do not wait while the GPU works
+    (figures in docs/benchmarks.md, "Why the code is as it is")."""
     if device.type == "cpu":
         size = max(2, min(8, cpu_count()))
         return ThreadPoolExecutor(max_workers=size), size, 1

@@ -162,9 +162,9 @@ def check_experiment(state, source, settings, folder_key):
 
 
 def adam(model, device, lr, weight_decay):
-    """The training optimizer: Adam, fused into one kernel on the CPU and on CUDA GPUs (on a CPU about nine
-    times faster per step than the one-tensor-at-a-time loop; with fp16 it also takes the GradScaler's overflow
-    flag on the device instead of waiting for it)."""
+    """The training optimizer: Adam, fused into one kernel on the CPU and on CUDA GPUs (faster per step than
+    the one-tensor-at-a-time loop; with fp16 it also takes the GradScaler's overflow flag on the device instead
+    of waiting for it)."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay,
                             fused=device.type in ("cpu", "cuda") or None)
 
