@@ -19,7 +19,8 @@ import torch
 from PIL import ExifTags, Image, ImageFile
 
 from core.errors import UserError, exhausted
-from core.outputs import is_marked_png, printable, special_kind
+from core.names import printable, special_kind
+from core.png import is_marked_png
 from core.runtime import STOP_SIGNALS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
@@ -164,13 +165,19 @@ def _to_rgb(img):
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        if img.mode not in ("RGBA", "LA"):
-            img = img.convert("RGBA")
-        # The same pixels as alpha_composite on white, without its two more copies of the image.
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img)
-        return background
+        return on_white(img)
     return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an RGB image: it may be huge
+
+
+def on_white(img):
+    """An image with transparency (RGBA, LA, ...) composited on white, as RGB: transparent areas of a tile
+    or a slide region are glass, whose background is white. The same pixels as alpha_composite on white,
+    without its two more copies of the image."""
+    if img.mode not in ("RGBA", "LA"):
+        img = img.convert("RGBA")
+    background = Image.new("RGB", img.size, (255, 255, 255))
+    background.paste(img, mask=img)
+    return background
 
 
 def check_truncation_policy():

@@ -17,7 +17,7 @@ With folder_path_slides set, it reads whole slides instead (core/slide_features.
 one <slide>.h5 of features and tile coordinates per slide under features_folder.
 
 The files are UTF-8. A file name's bytes that are not UTF-8, and its control characters (a newline in a
-name), are written as Python-style escapes (\\xe9, \\n; outputs.printable), so every path is one line.
+name), are written as Python-style escapes (\\xe9, \\n; names.printable), so every path is one line.
 """
 import csv
 import os
@@ -35,7 +35,9 @@ from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
 from core.inference import run_model
-from core.outputs import PNG_MARK, check_target, check_writable, printable, replace_together
+from core.atomic import check_target, check_writable, replace_together
+from core.names import printable
+from core.png import PNG_MARK
 from core.runtime import precision_name
 
 FEATURE_DIM = 512
@@ -66,9 +68,8 @@ def pca_2d(features):
     as the SVD of the centred features. Memory: the centred features in float64 (N x 512) and that matrix."""
     centred = torch.from_numpy(np.asarray(features, dtype=np.float64))
     centred = centred - centred.mean(dim=0)
-    # eigh of the scatter matrix beats an SVD of the centred data 6x at 20,000 tiles, and holds no N x 512 U.
-    # torch's, not numpy's: numpy's OpenBLAS threads spin against the loader processes for seconds (1.8 s
-    # against 0.09 s for this 512 x 512 matrix on a busy 2-core machine).
+    # eigh of the scatter matrix is faster than an SVD of the centred data and holds no N x 512 U. torch's,
+    # not numpy's: numpy's OpenBLAS threads spin against the loader processes (docs/benchmarks.md).
     eigenvalues, vectors = torch.linalg.eigh(centred.T @ centred)
     eigenvalues = eigenvalues.flip(0).clamp(min=0).numpy()  # largest first; rounding can leave tiny negatives
     axes = vectors.flip(1)[:, :2].T.numpy().copy()
@@ -127,8 +128,8 @@ def write_outputs(outputs, features, paths, skipped, folder):
     names = [printable(path) for path in paths]
 
     def write_csv(tmp):
-        # The 512 numbers with one %-format per row: several times faster than DataFrame.to_csv, and as fast
-        # as the csv module would be without the path; the path goes through the csv module's quoting.
+        # The 512 numbers with one %-format per row, faster than DataFrame.to_csv; the path goes through the
+        # csv module's quoting.
         row_format = ",".join([FLOAT_FORMAT] * FEATURE_DIM)
         with open(tmp, "w", encoding="utf-8", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\n")

@@ -16,7 +16,9 @@ from tqdm import tqdm
 
 from core.cli import run_main
 from core.errors import UserError
-from core.outputs import atomic_write, check_writable, printable, write_png
+from core.atomic import atomic_write, check_writable
+from core.names import printable
+from core.png import write_png
 from core.slides import SlideError, open_slide, parse_tile_name, tile_grid, tile_name, tissue_mask
 
 

@@ -8,15 +8,16 @@ import torch
 
 import Extract_Features
 from core import evaluation_engine
+from core import inference
 from core import training_engine
 from core import training_state
-from Auto_encoder import AutoEncoder, for_inference
+from Auto_encoder import AutoEncoder
 from Dataset import load_image
 from benchmarks import reference
 from benchmarks.measure import quietly
 from core.cli import load_config
 from core.runtime import autocast
-from core.metrics import LOSSES
+from core.losses import LOSSES
 
 
 def decode(paths, tile_size, device):
@@ -51,10 +52,8 @@ class Trainer:
 
 
 def inference_network(state, device):
-    """The network as the evaluation and feature scripts run it (BatchNorm folded, channels_last)."""
-    model = AutoEncoder()
-    model.load_state_dict(state)
-    return for_inference(model).to(device, memory_format=torch.channels_last)
+    """The network as the evaluation and feature scripts run it (inference.inference_model)."""
+    return inference.inference_model(state, device)
 
 
 @torch.inference_mode()

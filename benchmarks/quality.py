@@ -8,7 +8,7 @@ import torch
 from tqdm import tqdm
 
 from core import inference
-from Auto_encoder import DOWNSAMPLING, AutoEncoder
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits
 from Dataset import find_images
 from benchmarks import ours, reference, tables
 from core.errors import UserError
@@ -23,7 +23,7 @@ def check(args):
         raise UserError(f"training folder {args.train_folder!r} not found: make it with python Prepare_Tiles.py "
                         "--slide_path=<slide.svs> --tile_stride=64 --exclude_tiles_in=input_images, "
                         "or pass --train_folder=PATH")
-    if args.crop % DOWNSAMPLING or not DOWNSAMPLING <= args.crop <= TILE:
+    if not fits(args.crop) or args.crop > TILE:
         raise UserError(f"--crop={args.crop} must be a multiple of {DOWNSAMPLING} between {DOWNSAMPLING} and {TILE}")
     if args.images < 1:
         raise UserError(f"--images={args.images} must be at least 1")

@@ -1,6 +1,6 @@
 """Saving and loading checkpoints safely.
 
-Saving is atomic (outputs.atomic_write), so a crash, a kill or a full disk at any moment leaves the
+Saving is atomic (atomic.atomic_write), so a crash, a kill or a full disk at any moment leaves the
 previous file intact. Loading uses weights_only=True, so a checkpoint can never run code,
 and accepts our training checkpoints, bare state dicts, DataParallel/DDP ("module.") and
 torch.compile ("_orig_mod.") prefixes, and float16 weights; anything else (sparse, integer, complex, meta
@@ -18,7 +18,8 @@ import zlib
 import torch
 
 from core.errors import UserError
-from core.outputs import atomic_write, printable
+from core.atomic import atomic_write
+from core.names import printable
 
 _PREFIXES = ("module.", "_orig_mod.")
 # A training checkpoint holds the weights and Adam's two moments; bound what a checkpoint of a model may
@@ -28,7 +29,7 @@ SLACK_BYTES = 64 << 20
 
 
 def save(obj, path):
-    """torch.save, atomically (outputs.atomic_write)."""
+    """torch.save, atomically (atomic.atomic_write)."""
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 

@@ -4,7 +4,6 @@ import atexit
 import contextlib
 import math
 import os
-import select
 import signal
 import sys
 import threading
@@ -14,21 +13,22 @@ import types
 from dataclasses import dataclass
 
 
+from core import losses
 from core import malloc_tuning
 from core import streams
 from core.errors import RankError, UserError, exhausted
+from core.runtime import PRECISIONS
 
 
-# The Config keys each script reads ("{loss}": mse or ssim, as the script's loss). A key given on the command
+# The Config keys each script reads, besides the keys of its loss (losses.KEY_STEMS). A key given on the command
 # line that the script does not read is an error, not a warning: a silently ignored key evaluates the wrong
 # model (Evaluation_MSE.py --model_path_ssim=... would report the MSE model's metrics, exit 0).
 SCRIPT_KEYS = {
     "training": """GPUs num_workers seed mixed_precision keep_freed_memory folder_path_train tile_size
                    train_crop_size num_epochs batch_size_train learning_rate weight_decay lr_schedule augment
-                   val_fraction sync_batchnorm compile_model cache_tiles model_saved_location_{loss}
-                   save_interval keep_checkpoints finite_check_interval resume training_loss_file_{loss}""".split(),
-    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test
-                     model_path_{loss} recon_output_{loss} reconstruction_metrics_{loss}""".split(),
+                   val_fraction sync_batchnorm compile_model cache_tiles save_interval keep_checkpoints
+                   finite_check_interval resume""".split(),
+    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test""".split(),
     "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
                    folder_path_features model_path_ssim features_output folder_path_slides features_folder
                    target_mpp slide_mpp tile_stride tissue_fraction background_gray tile_qc features_csv""".split(),
@@ -40,7 +40,7 @@ SCRIPT_KEYS = {
 SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
                 "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py",
                 "select": "Select_Tiles.py"}
-LOSS_NAMES = ("mse", "ssim")
+LOSS_NAMES = losses.NAMES
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,9 @@ COUNT, TEXT, PATH, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule("path"), Rul
 PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
 RULES = {
     **dict.fromkeys("GPUs exclude_tiles_in folder_path_slides".split(), TEXT),  # "": the CPU, no held-out tiles, the tile-folder mode
-    **dict.fromkeys("""folder_path_train model_saved_location_mse model_saved_location_ssim
-                       training_loss_file_mse training_loss_file_ssim folder_path_test model_path_mse model_path_ssim
-                       recon_output_mse recon_output_ssim reconstruction_metrics_mse reconstruction_metrics_ssim
-                       slide_path tiles_output_folder folder_path_features features_output features_folder
-                       selection_folder""".split(), PATH),
+    **dict.fromkeys(losses.config_keys(), PATH),
+    **dict.fromkeys("""folder_path_train folder_path_test slide_path tiles_output_folder folder_path_features
+                       features_output features_folder selection_folder""".split(), PATH),
     **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
     **dict.fromkeys("augment sync_batchnorm compile_model resume tile_qc features_csv".split(), FLAG),
     **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
@@ -85,7 +83,7 @@ RULES = {
     # torch's generators take 64 bits and numpy's legacy seeding 32; the training loop derives per-epoch seeds
     # as seed * 100003 * 64 + ..., which must stay below 2**64. 32 bits leave room for that.
     "seed": Rule(int, low=0, high=2**32 - 1),
-    "mixed_precision": Rule(("auto", "bf16", "fp16", "off")),
+    "mixed_precision": Rule(PRECISIONS),
     "lr_schedule": Rule(("constant", "cosine")),
     "tile_size": Rule(int, low=1, high=PIXELS),
     "train_crop_size": Rule(int, low=0, high=PIXELS),
@@ -154,14 +152,16 @@ def script_keys(script=None, loss=None):
     if script not in SCRIPT_KEYS or loss not in (None, *LOSS_NAMES):
         raise ValueError(f"script={script!r}, loss={loss!r}: script is one of {', '.join(SCRIPT_KEYS)}, "
                          f"loss one of {', '.join(LOSS_NAMES)} or None")
-    return {key.format(loss=name) for key in SCRIPT_KEYS[script] for name in ([loss] if loss else LOSS_NAMES)}
+    records = [losses.get(loss)] if loss else losses.RECORDS
+    return set(SCRIPT_KEYS[script]).union(*(record.keys(script) for record in records))
 
 
 def script_name(script=None, loss=None):
     """How messages name the script: its file (Training_MSE.py); the program's name without a script."""
     if script is None:
         return os.path.basename(sys.argv[0]) or "python"
-    return SCRIPT_FILES[script].format(LOSS=loss.upper() if loss else "MSE/SSIM")
+    return SCRIPT_FILES[script].format(LOSS=losses.get(loss).tag if loss else "/".join(
+        record.tag for record in losses.RECORDS))
 
 
 def descriptions(path):
@@ -208,8 +208,8 @@ def _argument_error(arg, values, keys, name):
     if key not in values:
         return UserError(f"unknown Config key {key!r}; valid keys: {valid}")
     stem, _, loss = key.rpartition("_")
-    twin = f"{stem}_{({'mse': 'ssim', 'ssim': 'mse'}).get(loss)}"
-    hint = f" (did you mean --{twin}?)" if twin in keys else ""
+    twins = [f"{stem}_{other}" for other in LOSS_NAMES if loss in LOSS_NAMES and f"{stem}_{other}" in keys]
+    hint = f" (did you mean --{twins[0]}?)" if twins else ""
     return UserError(f"--{key} is not read by {name}{hint}; python {name} --help lists the settings it reads")
 
 
@@ -263,18 +263,6 @@ def load_config(argv=None, script=None, loss=None):
             where = f"--{key}={given[key]}" if key in given else f"{key} = {values[key]!r} in Config.py"
             raise UserError(f"{where}: expected {rule.allowed()}") from None
     return types.SimpleNamespace(**settings)
-
-
-def _stdout_closed():
-    """Whether stdout is a pipe whose reader has gone, so that a BrokenPipeError came from it."""
-    if not hasattr(select, "poll"):  # Windows: assume so, as Python's documented recipe does
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sys.stdout.fileno(), 0)  # errors and hang-ups are reported whatever is asked for
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
-    except (OSError, ValueError, AttributeError):  # no file behind stdout
-        return False
 
 
 @contextlib.contextmanager
@@ -359,10 +347,9 @@ def run_main(main, script=None, loss=None, argv=None):
         print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
-        if not _stdout_closed():
+        if not streams.reader_gone():
             raise
-        # Python would report the failed flush of stdout once more at exit: point stdout at nothing.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        streams.discard()  # else Python would report the failed flush of stdout once more at exit
         sys.exit(141)
     except (MemoryError, RuntimeError, OSError) as err:
         found = exhausted(err)

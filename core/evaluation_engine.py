@@ -15,31 +15,33 @@ import torch
 from tqdm import tqdm
 
 from core import inference
-from core import run_lock
+from core import losses, run_lock
 from core import runtime
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
 from core.cli import run_main
 from core.inference import reconstruct
-from core.outputs import check_target, check_writable, printable
-from core.report import METRIC_NAMES, comparison_names, save_comparisons, write_workbook
+from core.atomic import check_target, check_writable
+from core.names import printable
+from core.report import METRIC_NAMES, comparison_names, save_comparisons, summarise, write_workbook
 from core.runtime import cpu_count, precision_name
 
 
 def check_outputs(cfg, loss_name):
     """The output settings of loss_name, checked before any work; returns (folder of PNGs, workbook path)."""
-    out_dir = getattr(cfg, f"recon_output_{loss_name}")
-    workbook_path = getattr(cfg, f"reconstruction_metrics_{loss_name}")
+    loss = losses.get(loss_name)
+    out_key, workbook_key = loss.key("recon_output"), loss.key("reconstruction_metrics")
+    out_dir, workbook_path = getattr(cfg, out_key), getattr(cfg, workbook_key)
     if not workbook_path.lower().endswith(".xlsx"):
-        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} must end in .xlsx")
+        raise UserError(f"{workbook_key}={workbook_path!r} must end in .xlsx")
     if os.path.isdir(workbook_path):
-        raise UserError(f"reconstruction_metrics_{loss_name}={workbook_path!r} is a folder: give a file name "
+        raise UserError(f"{workbook_key}={workbook_path!r} is a folder: give a file name "
                         "ending in .xlsx")
     check_target(workbook_path)
     check_writable(out_dir)
     check_writable(os.path.dirname(workbook_path))
     if os.path.isdir(cfg.folder_path_test) and os.path.samefile(out_dir, cfg.folder_path_test):
-        raise UserError(f"recon_output_{loss_name}={out_dir!r} is the image folder itself: its comparison PNGs "
+        raise UserError(f"{out_key}={out_dir!r} is the image folder itself: its comparison PNGs "
                         "would be mixed with the tiles; choose another folder (a subfolder of it is fine)")
     return out_dir, workbook_path
 
@@ -57,10 +59,10 @@ def comparison_writers(device, loader_workers):
     """(the pool that draws and encodes the comparison PNGs, the parts each batch is split into, the batches
     whose PNGs may be in progress when the next batch goes through the model).
     Beside a forward pass on the CPU: threads (numpy and zlib release the GIL, and processes would take the
-    network's cores), one batch, as work beside the forward pass stalls its threads (measured: the forward
-    slowed by about three times the work added). Beside a GPU: processes, one per CPU the loader workers
-    leave, because drawing a comparison image holds the GIL (about 1 ms of the 6 ms a tile takes), which caps
-    threads near 1,000 tiles/s; two batches, so that the processes do not wait while the GPU works."""
+    network's cores), one batch, as work beside the forward pass stalls its threads. Beside a GPU: processes,
+    one per CPU the loader workers leave, because drawing a comparison image holds the GIL, which would cap
+    threads below the GPU's pace; two batches, so that the processes do not wait while the GPU works
+    (figures in docs/benchmarks.md, "Why the code is as it is")."""
     if device.type == "cpu":
         size = max(2, min(8, cpu_count()))
         return ThreadPoolExecutor(max_workers=size), size, 1
@@ -80,8 +82,9 @@ def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
 
 
 def evaluate(cfg, loss_name):
-    """Evaluate the model of loss_name ('mse' or 'ssim') on folder_path_test; returns the metric rows. Its
-    outputs are locked for the run (run_lock): a second evaluation writing them is refused."""
+    """Evaluate the model of loss_name (a name in losses.RECORDS) on folder_path_test; returns the metric rows.
+    Its outputs are locked for the run (run_lock): a second evaluation writing them is refused."""
+    model_path, folder = getattr(cfg, losses.get(loss_name).key("model_path")), cfg.folder_path_test
     inference.check_settings(cfg)
     out_dir, workbook_path = check_outputs(cfg, loss_name)
     with run_lock.hold(out_dir, f"recon_output_{loss_name}", folder=True), \
@@ -134,10 +137,8 @@ def evaluate_into(cfg, loss_name, out_dir, workbook_path):
                         "(see the warnings above); nothing was written")
     write_workbook(workbook_path, rows, skips.skipped, model_path, folder, precision_name(run.amp_dtype))
     print(f"Evaluated {len(rows)} images; {skips.summary()}.")
-    for name in METRIC_NAMES:
-        values = np.array([row[name] for row in rows])
-        std = values.std(ddof=1) if len(values) > 1 else math.nan
-        print(f"  {name:<4} mean {values.mean():.5f}  std {std:.5f}")
+    for name, (_, mean, std, _, _) in summarise(rows).items():
+        print(f"  {name:<4} mean {mean:.5f}  std {math.nan if std is None else std:.5f}")
     print(f"Comparison PNGs in {printable(out_dir)}; metrics workbook {printable(workbook_path)}.")
     return rows
 

@@ -5,25 +5,32 @@ import types
 import torch
 
 from core import checkpoint_io
-from Auto_encoder import DOWNSAMPLING, AutoEncoder, for_inference
-from core import runtime
-from Dataset import ImageFolder, collate
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits, for_inference
+from Dataset import ImageFolder
 from core.errors import UserError
+from core.loaders import loader
 from core.runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
 from core.metrics import per_image
 
 
+def inference_model(state_dict, device):
+    """An AutoEncoder with these weights as every script runs it outside training: BatchNorm folded into
+    the convolutions, activations in place (Auto_encoder.for_inference), channels_last on device."""
+    model = AutoEncoder()
+    model.load_state_dict(state_dict)
+    return for_inference(model).to(device, memory_format=torch.channels_last)
+
+
 def load_model(path, device):
-    """An AutoEncoder for inference with the weights of path (any checkpoint layout we accept): BatchNorm
-    folded into the convolutions, activations in place (Auto_encoder.for_inference)."""
+    """inference_model with the weights of path (any checkpoint layout we accept)."""
     model = AutoEncoder()
     checkpoint_io.load_weights(model, path)
-    return for_inference(model).to(device, memory_format=torch.channels_last)
+    return inference_model(model.state_dict(), device)
 
 
 def check_settings(cfg):
     """The Config values every inference script (evaluation, features) relies on."""
-    if cfg.tile_size < DOWNSAMPLING or cfg.tile_size % DOWNSAMPLING:
+    if not fits(cfg.tile_size):
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
     if cfg.batch_size_test < 1:
         raise UserError(f"batch_size_test={cfg.batch_size_test} must be at least 1")
@@ -39,11 +46,8 @@ def setup(cfg, folder, model_path, batch_size=None, exclude=()):
     device = select_device(cfg.GPUs)
     amp_dtype = autocast_dtype(device, cfg.mixed_precision)
     model = load_model(model_path, device)
-    workers = worker_count(cfg.num_workers)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size or cfg.batch_size_test,
-                                         num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda",
-                                         worker_init_fn=runtime.ignore_interrupts if workers else None)
-    return types.SimpleNamespace(dataset=dataset, device=device, amp_dtype=amp_dtype, model=model, loader=loader)
+    tiles = loader(dataset, batch_size or cfg.batch_size_test, worker_count(cfg.num_workers), device)
+    return types.SimpleNamespace(dataset=dataset, device=device, amp_dtype=amp_dtype, model=model, loader=tiles)
 
 
 @torch.inference_mode()

@@ -5,8 +5,10 @@ import io
 import math
 import os
 
+from core import losses
 from core.errors import UserError
-from core.outputs import PNG_MARK, atomic_write
+from core.atomic import atomic_write
+from core.png import PNG_MARK
 
 CSV_COLUMNS = ["Epoch", "Loss", "Val_MSE", "Val_PSNR", "Val_SSIM", "Learning_Rate", "Images_Seen", "Seconds"]
 _FORMATS = {"Loss": "{:.6f}", "Val_MSE": "{:.6f}", "Val_PSNR": "{:.6f}", "Val_SSIM": "{:.6f}",
@@ -92,15 +94,16 @@ def plot_history(png_path, rows, loss_name):
     fig, ax = plt.subplots(figsize=(6, 4))
     trained = [(int(r["Epoch"]), float(r["Loss"])) for r in rows if r.get("Loss") not in (None, "")]
     ax.plot([e for e, _ in trained], [v for _, v in trained], marker="o", markersize=3, label="training")
-    key = "Val_MSE" if loss_name == "mse" else "Val_SSIM"
+    loss = losses.get(loss_name)
+    key = loss.log_column
     validated = [(int(r["Epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
     if validated:
-        values = [v if loss_name == "mse" else 1 - v for _, v in validated]
+        values = [loss.val_loss(v) for _, v in validated]
         ax.plot([e for e, _ in validated], values, marker="s", markersize=3, label="validation")
         ax.legend()
     ax.set_xlabel("Epoch")
-    ax.set_ylabel("MSE loss" if loss_name == "mse" else "1 - SSIM")
-    ax.set_title(f"Training loss ({loss_name.upper()})")
+    ax.set_ylabel(loss.plot_label)
+    ax.set_title(f"Training loss ({loss.tag})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -33,7 +33,7 @@ def keep_freed_memory():
         return False
     # Blocks above 32 MB (the largest threshold glibc accepts) still come from mmap and go back at once.
     # Trimming off (-1): the heap never shrinks. A 1 GB top pad: the heap grows in large steps (a smaller
-    # pad gave back part of the gain).
+    # pad gives back part of the gain; benchmark.py measures it).
     return all(mallopt(option, value) == 1 for option, value in (
         (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
 

@@ -8,7 +8,9 @@ import openpyxl
 from openpyxl.styles import Font
 from PIL import Image, ImageDraw, ImageFont
 
-from core.outputs import atomic_write, printable, write_png
+from core.atomic import atomic_write
+from core.names import printable
+from core.png import write_png
 
 METRIC_NAMES = ("MSE", "PSNR", "SSIM")
 _MAX_NAME_BYTES = 200  # file systems allow 255; leave room for the suffix
@@ -113,7 +115,7 @@ def save_comparisons(originals, reconstructions, rows, labels, out_paths):
 def _text_cell(cell, value):
     """Store value as plain text: a name starting with '=' must never become a formula. A file name's bytes
     that are not UTF-8 and its control characters, which the workbook's XML cannot hold, are escaped as
-    everywhere else (outputs.printable)."""
+    everywhere else (names.printable)."""
     cell.value = printable(value)
     cell.data_type = "s"
 
@@ -122,6 +124,16 @@ def _bold_headers(book):
     for sheet in book.worksheets:
         for cell in sheet[1]:
             cell.font = Font(bold=True)
+
+
+def summarise(rows):
+    """{metric: (count, mean, sample std or None for one image, min, max)} of the metric rows."""
+    summary = {}
+    for name in METRIC_NAMES:
+        values = np.array([row[name] for row in rows], dtype=np.float64)
+        std = float(values.std(ddof=1)) if len(values) > 1 else None
+        summary[name] = (len(values), float(values.mean()), std, float(values.min()), float(values.max()))
+    return summary
 
 
 def write_workbook(path, rows, skipped, model_path, folder, precision="fp32"):
@@ -139,10 +151,8 @@ def write_workbook(path, rows, skipped, model_path, folder, precision="fp32"):
 
     summary = book.create_sheet("Summary")
     summary.append(["Metric", "Count", "Mean", "Std", "Min", "Max"])
-    for name in METRIC_NAMES:
-        values = np.array([row[name] for row in rows], dtype=np.float64)
-        std = float(values.std(ddof=1)) if len(values) > 1 else None
-        summary.append([name, len(values), float(values.mean()), std, float(values.min()), float(values.max())])
+    for name, numbers in summarise(rows).items():
+        summary.append([name, *numbers])
 
     run = book.create_sheet("Run")
     run.append(["Item", "Value"])

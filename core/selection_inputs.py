@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from core.errors import UserError
-from core.outputs import printable
+from core.names import printable
 from core.slides import parse_tile_name, tile_name
 
 FEATURE_PREFIX = "Feature_"

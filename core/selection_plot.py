@@ -7,7 +7,7 @@ from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from core.outputs import printable
+from core.names import printable
 
 LEFT_OUT = "#d62728"
 SELECTED_EDGE = "black"

@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from core import selection
 from core.errors import UserError
-from core.outputs import atomic_write, check_writable, printable, write_png
+from core.atomic import atomic_write, check_writable
+from core.names import printable
+from core.png import write_png
 from core.selection_inputs import find_inputs
 from core.selection_plot import selection_figure
 

@@ -37,7 +37,9 @@ from core import inference, runtime
 from core.errors import UserError
 from core.inference import run_model
 from core.metrics import per_image
-from core.outputs import atomic_write, check_writable, png_bytes, printable, replace_together, write_bytes
+from core.atomic import atomic_write, check_writable, replace_together, write_bytes
+from core.names import printable
+from core.png import png_bytes
 from core.runtime import autocast, precision_name, select_device, worker_count
 from core.slides import SlideError, find_slides, open_slide, tile_grid, tile_name, tissue_mask
 from core.training_state import Interrupts
@@ -251,7 +253,7 @@ def finished_tiles(path, expected):
 
 
 def remove_stale_temporaries(target):
-    """Temporary files of target left by a process killed while writing it (outputs._new_file's names).
+    """Temporary files of target left by a process killed while writing it (atomic._new_file's names).
     Only this process writes this slide's files, so none of them is another process's write in progress."""
     folder, name = os.path.split(target)
     with contextlib.suppress(OSError):

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
-from core.outputs import printable
+from core.names import printable
+from Dataset import on_white
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".svslide", ".bif",
                   ".dcm", ".png", ".jpg", ".jpeg")
@@ -188,11 +189,6 @@ class Slide:
         return canvas
 
 
-def _on_white(rgba):
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
-
-
 class _OpenSlideSlide(Slide):
     def __init__(self, path, slide_mpp):
         import openslide
@@ -226,7 +222,7 @@ class _OpenSlideSlide(Slide):
 
     def _read_level(self, level, x, y, size):
         try:
-            return _on_white(self.handle.read_region((x, y), level, size))
+            return on_white(self.handle.read_region((x, y), level, size))
         except self._openslide.OpenSlideError as err:
             # OpenSlide refuses every later read on a handle that met an error: the next region needs a new one.
             self.handle.close()

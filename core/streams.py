@@ -2,6 +2,7 @@
 or with their reader gone are never a reason to lose work. From the first failed write on, what would have
 gone to that stream goes to /dev/null, and the run finishes its outputs."""
 import os
+import select
 import sys
 
 
@@ -75,3 +76,22 @@ def guard(keep_going_without_stdout=False):
         sys.stdout = _Guarded(sys.stdout, broken_pipe_ends_run=not keep_going_without_stdout)
     if not isinstance(sys.stderr, _Guarded):
         sys.stderr = _Guarded(sys.stderr, broken_pipe_ends_run=False)
+
+
+def discard():
+    """Point the stdout file descriptor at /dev/null: later writes and the flush at exit succeed."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def reader_gone():
+    """Whether stdout is a pipe whose reader has gone, so that a BrokenPipeError came from it."""
+    if not hasattr(select, "poll"):  # Windows: assume so, as Python's documented recipe does
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), 0)  # errors and hang-ups are reported whatever is asked for
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file behind stdout
+        return False

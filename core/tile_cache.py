@@ -11,100 +11,21 @@ and each batch is gathered from it on the GPU (CachedBatches): no loader process
 Otherwise it stays in ordinary host memory and each batch is gathered into a fresh pinned tensor, which
 alone travels to the GPU: pinning the whole cache would lock memory the system cannot reclaim.
 """
-import os
 
 import torch
 from tqdm import tqdm
 
 from core import runtime
 from Dataset import in_shared_memory, start_batches
+from core.loaders import loader
+from core.memory import available_memory
 
 DECODE_BATCH = 32  # tiles per worker hand-over while filling the cache
-NO_LIMIT = 2 ** 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 
 def tile_bytes(count, tile_size):
     """Bytes of count decoded tiles: 3 x tile_size x tile_size uint8 each."""
     return count * 3 * tile_size * tile_size
-
-
-def _read_number(path):
-    try:
-        with open(path) as file:
-            text = file.read().strip()
-    except (OSError, ValueError):
-        return None
-    return int(text) if text.isdigit() else None
-
-
-def _meminfo_available():
-    """MemAvailable of /proc/meminfo in bytes (Linux), else free pages x page size, else None."""
-    try:
-        with open("/proc/meminfo") as file:
-            for line in file:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _cgroup_folders(root, membership):
-    """The memory cgroup folders that hold this process (its own and every ancestor), v2 and v1 layouts.
-    membership: the lines of /proc/self/cgroup."""
-    folders = []
-    for line in membership:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        base = {"": root, "memory": os.path.join(root, "memory")}.get(controllers)
-        if base is None:
-            continue
-        here = os.path.join(base, path.lstrip("/"))
-        if not os.path.isdir(here):  # a container shows the host's path but mounts its own cgroup as the root
-            here = base
-        while True:
-            folders.append(here)
-            if os.path.normpath(here) == os.path.normpath(base):
-                break
-            here = os.path.dirname(here)
-    return folders
-
-
-def _cgroup_headroom(root="/sys/fs/cgroup", membership_file="/proc/self/cgroup"):
-    """The least memory any of this process's cgroups (a scheduler's job limit) can still grant, or None.
-    Page cache that the cgroup can drop (inactive file pages) counts as free, as the kernel treats it."""
-    try:
-        with open(membership_file) as file:
-            membership = file.read().splitlines()
-    except OSError:  # not Linux
-        return None
-    headrooms = []
-    for folder in _cgroup_folders(root, membership):
-        for limit_name, usage_name, cache_key in (("memory.max", "memory.current", "inactive_file"),
-                                                  ("memory.limit_in_bytes", "memory.usage_in_bytes",
-                                                   "total_inactive_file")):
-            limit = _read_number(os.path.join(folder, limit_name))
-            usage = _read_number(os.path.join(folder, usage_name))
-            if limit is None or usage is None or limit >= NO_LIMIT:
-                continue
-            reclaimable = 0
-            try:
-                with open(os.path.join(folder, "memory.stat")) as file:
-                    stats = dict(line.split()[:2] for line in file if len(line.split()) >= 2)
-                reclaimable = int(stats.get(cache_key, 0))
-            except (OSError, ValueError):
-                pass
-            headrooms.append(max(0, limit - usage + reclaimable))
-    return min(headrooms) if headrooms else None
-
-
-def available_memory():
-    """Bytes this process can still allocate without swapping or meeting its scheduler's limit, or None
-    where that cannot be read."""
-    known = [value for value in (_meminfo_available(), _cgroup_headroom()) if value is not None]
-    return min(known) if known else None
 
 
 class CachedTiles(torch.utils.data.Dataset):
@@ -139,13 +60,11 @@ def fill(dataset, images, workers, progress=True, indices=None):
     """Decode the items of dataset at indices (default all) into those rows of images (N x 3 x H x W uint8)
     -> {index: error} of unreadable files."""
     indices = list(range(len(dataset))) if indices is None else list(indices)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=DECODE_BATCH,
-                                         num_workers=workers, collate_fn=_stack_with_errors,
-                                         worker_init_fn=runtime.ignore_interrupts)
+    batches = loader(torch.utils.data.Subset(dataset, indices), DECODE_BATCH, workers, collate_fn=_stack_with_errors)
     errors, start = {}, 0
     with tqdm(total=len(indices), desc="Caching tiles", leave=False, unit="tile", dynamic_ncols=True,
               disable=not progress) as bar:
-        for stacked, batch_errors in start_batches(loader):
+        for stacked, batch_errors in start_batches(batches):
             rows = indices[start:start + len(batch_errors)]
             readable = [row for row, error in zip(rows, batch_errors) if error is None]
             errors.update((row, error) for row, error in zip(rows, batch_errors) if error is not None)

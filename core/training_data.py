@@ -7,7 +7,7 @@ import torch
 
 from core import runtime
 from core import tile_cache
-from Dataset import collate
+from core.loaders import loader
 from core.runtime import worker_count
 
 
@@ -50,16 +50,12 @@ def build_loaders(run, dataset, train_idx, val_idx):
     run.sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world,
                                run.batch_size)
     workers = worker_count(cfg.num_workers)
-    loader_args = dict(num_workers=workers, collate_fn=collate, pin_memory=run.device.type == "cuda",
-                       persistent_workers=workers > 0, worker_init_fn=runtime.ignore_interrupts if workers else None,
-                       multiprocessing_context=runtime.loader_start_method() if workers else None)
-    run.loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, train_idx), batch_size=run.batch_size,
-                                             sampler=run.sampler, drop_last=run.sampler.num_samples > run.batch_size,
-                                             **loader_args)
+    run.loader = loader(torch.utils.data.Subset(dataset, train_idx), run.batch_size, workers, run.device,
+                        persistent=True, sampler=run.sampler, drop_last=run.sampler.num_samples > run.batch_size)
     run.val_loader = None
     if run.val_idx:
-        run.val_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, run.val_idx),
-                                                     batch_size=run.batch_size, **loader_args)
+        run.val_loader = loader(torch.utils.data.Subset(dataset, run.val_idx), run.batch_size, workers, run.device,
+                                persistent=True)
 
 
 def read_from_cache(run):

@@ -16,18 +16,18 @@ from tqdm import tqdm
 
 from core import checkpoint_io
 from core import loss_log
-from core import run_lock
+from core import losses, run_lock
 from core import runtime
 from core import training_data
 from core import training_state
-from Auto_encoder import DOWNSAMPLING, AutoEncoder
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits
 from Dataset import ImageFolder, SkipLog
 from core.augmentation import prepare_batch
 from core.errors import UserError
 from core.cli import load_config, run_main
 from core.inference import reconstruct
-from core.metrics import LOSSES
-from core.outputs import check_target, check_writable
+from core.losses import LOSSES
+from core.atomic import check_target, check_writable
 from core.runtime import Distributed, autocast, autocast_dtype, precision_name
 
 PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and after the last epoch
@@ -35,9 +35,9 @@ PLOT_EVERY_SECONDS = 60  # the loss curve is redrawn at most this often, and aft
 
 def validate(cfg):
     """Checks across settings (cli.load_config has checked each setting on its own)."""
-    if cfg.tile_size % DOWNSAMPLING:
+    if not fits(cfg.tile_size):
         raise UserError(f"tile_size={cfg.tile_size} must be a multiple of {DOWNSAMPLING} (for example 256)")
-    if cfg.train_crop_size and (cfg.train_crop_size % DOWNSAMPLING or cfg.train_crop_size > cfg.tile_size):
+    if cfg.train_crop_size and (not fits(cfg.train_crop_size) or cfg.train_crop_size > cfg.tile_size):
         raise UserError(f"train_crop_size={cfg.train_crop_size} must be 0 or a multiple of {DOWNSAMPLING} "
                         f"no larger than tile_size={cfg.tile_size}")
 
@@ -123,13 +123,14 @@ def check_weights(run, epoch):
 
 
 def run_paths(cfg, loss_name):
-    """The files of a run of loss_name ('mse' or 'ssim')."""
-    folder, log = getattr(cfg, f"model_saved_location_{loss_name}"), getattr(cfg, f"training_loss_file_{loss_name}")
+    """The files of a run of loss_name (a name in losses.RECORDS)."""
+    loss = losses.get(loss_name)
+    folder, log = getattr(cfg, loss.key("model_saved_location")), getattr(cfg, loss.key("training_loss_file"))
     return types.SimpleNamespace(
         folder=folder, log=log, plot=os.path.splitext(log)[0] + ".png",
         interrupt=os.path.join(folder, training_state.INTERRUPT_NAME),
-        final=os.path.join(folder, f"Final_Model_AE_{loss_name.upper()}.pth"),
-        best=os.path.join(folder, f"Best_Model_AE_{loss_name.upper()}.pth"))
+        final=os.path.join(folder, training_state.model_name("Final", loss)),
+        best=os.path.join(folder, training_state.model_name("Best", loss)))
 
 
 def set_up(cfg, loss_name, paths, ddp, interrupts):
@@ -138,7 +139,8 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     if ddp.main:
         check_writable(os.path.dirname(paths.log))
         if os.path.isdir(paths.log):
-            raise UserError(f"training_loss_file_{loss_name}={paths.log!r} is a folder: give a .csv file name")
+            raise UserError(f"{losses.get(loss_name).key('training_loss_file')}={paths.log!r} is a folder: "
+                            "give a .csv file name")
         for path in (paths.final, paths.best, paths.log, paths.plot):
             check_target(path)  # a read-only Final model or log is refused now, not after the training
     if cfg.batch_size_train % ddp.world or cfg.batch_size_train < 2 * ddp.world:
@@ -164,7 +166,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
                 "each CPU process keeps its own statistics.")
     amp_dtype = autocast_dtype(device, cfg.mixed_precision, training=True)
     run = types.SimpleNamespace(
-        cfg=cfg, loss_name=loss_name, paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
+        cfg=cfg, loss_name=loss_name, loss=losses.get(loss_name), paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
         raw_model=raw_model, amp_dtype=amp_dtype, loss_fn=LOSSES[loss_name],
         optimizer=training_state.adam(raw_model, device, cfg.learning_rate, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -177,7 +179,7 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     if run.start_epoch <= cfg.num_epochs:
         say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
             f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
-            f"{loss_name.upper()} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
+            f"{run.loss.tag} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
     return run
 
 
@@ -253,12 +255,13 @@ def wrap_up(run, epoch, loss, lr, seconds, step, aug_gen):
     due = epoch % cfg.save_interval == 0 or epoch == cfg.num_epochs
     failure = None
     if ddp.main:
-        if val and (val["MSE"] if run.loss_name == "mse" else 1 - val["SSIM"]) < run.best_val:
+        score = run.loss.val_loss(val[run.loss.val_metric]) if val else None
+        if val and score < run.best_val:
             checkpoint_io.save(run.raw_model.state_dict(), paths.best)
-            run.best_val = val["MSE"] if run.loss_name == "mse" else 1 - val["SSIM"]  # only once saved
+            run.best_val = score  # only once saved
         if due:
             checkpoint_io.save(training_state.periodic_state(run, epoch, average),
-                               os.path.join(paths.folder, f"Model_AE_epoch_{epoch:03d}.pth"))
+                               os.path.join(paths.folder, training_state.epoch_name(epoch)))
             training_state.prune_checkpoints(paths.folder, cfg.keep_checkpoints, epoch)
             if os.path.exists(paths.interrupt):
                 os.remove(paths.interrupt)
@@ -305,7 +308,7 @@ def finish(run):
 
 
 def train(cfg, loss_name):
-    """Train an AutoEncoder with loss_name ('mse' or 'ssim') as Config says; returns the loss log rows."""
+    """Train an AutoEncoder with loss_name (a name in losses.RECORDS) as Config says; returns the loss log rows."""
     validate(cfg)
     paths = run_paths(cfg, loss_name)
     immediate = int(os.environ.get("WORLD_SIZE", "1")) == 1

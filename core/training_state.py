@@ -22,16 +22,29 @@ from core import checkpoint_io
 from core import loss_log
 from core import runtime
 from core.errors import UserError
-from core.outputs import is_read_only
+from core.atomic import is_read_only
 
+# The checkpoint names, the reference's where it has them: Model_AE_epoch_005.pth, Model_AE_interrupt.pth,
+# Final_Model_AE_MSE.pth, Best_Model_AE_MSE.pth.
 INTERRUPT_NAME = "Model_AE_interrupt.pth"
-_EPOCH_FILE = re.compile(r"Model_AE_epoch_(\d+)\.pth")
+_EPOCH_PREFIX = "Model_AE_epoch_"
+_EPOCH_FILE = re.compile(re.escape(_EPOCH_PREFIX) + r"(\d+)\.pth")
+
+
+def epoch_name(epoch):
+    """The periodic checkpoint of epoch."""
+    return f"{_EPOCH_PREFIX}{epoch:03d}.pth"
+
+
+def model_name(kind, loss):
+    """The weights-only model kind ("Final" or "Best") of a run of loss (a losses.Loss)."""
+    return f"{kind}_Model_AE_{loss.tag}.pth"
 
 
 def periodic_checkpoints(folder):
     """[(epoch, path)] of the Model_AE_epoch_NNN.pth files in folder, oldest first."""
     found = []
-    for path in glob.glob(os.path.join(glob.escape(folder), "Model_AE_epoch_*.pth")):
+    for path in glob.glob(os.path.join(glob.escape(folder), _EPOCH_PREFIX + "*.pth")):
         match = _EPOCH_FILE.fullmatch(os.path.basename(path))
         if match:
             found.append((int(match.group(1)), path))
@@ -46,7 +59,7 @@ def latest_checkpoint(folder):
 
 def prune_checkpoints(folder, keep, newest_epoch):
     """Delete the periodic checkpoints before newest_epoch beyond the `keep` newest (0 keeps all); one made
-    read-only (outputs.is_read_only) is kept, and not counted."""
+    read-only (atomic.is_read_only) is kept, and not counted."""
     older = [path for epoch, path in periodic_checkpoints(folder) if epoch < newest_epoch and not is_read_only(path)]
     for path in older[:max(0, len(older) - (keep - 1))] if keep > 0 else []:
         with contextlib.suppress(FileNotFoundError):
@@ -144,7 +157,7 @@ def experiment(cfg, loss_name, model):
 
 def check_experiment(state, source, settings, folder_key):
     saved = state.get("settings")
-    if not isinstance(saved, dict):  # written before checkpoints carried their settings
+    if not isinstance(saved, dict):  # the reference code's Model_AE_epoch_NNN.pth carries no settings
         return
     differ = [f"{key}={saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
               if saved.get(key) != value]
@@ -155,9 +168,9 @@ def check_experiment(state, source, settings, folder_key):
 
 
 def adam(model, device, lr, weight_decay):
-    """The training optimizer: Adam, fused into one kernel on the CPU and on CUDA GPUs (on a CPU about nine
-    times faster per step than the one-tensor-at-a-time loop; with fp16 it also takes the GradScaler's overflow
-    flag on the device instead of waiting for it)."""
+    """The training optimizer: Adam, fused into one kernel on the CPU and on CUDA GPUs (faster per step than
+    the one-tensor-at-a-time loop; with fp16 it also takes the GradScaler's overflow flag on the device instead
+    of waiting for it)."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay,
                             fused=device.type in ("cpu", "cuda") or None)
 
@@ -229,20 +242,18 @@ def _rank_part(state, source, rank, world, batch_size):
         raise Refused(f"{source!r} stopped epoch {state['epoch']} part-way with batch_size_train={saved_batch} in "
                       f"{saved_world} process(es); this run has batch_size_train={batch_size} in {world}: resume it "
                       "with the same, or delete it to redo that epoch from the last periodic checkpoint")
-    if "aug_rng_states" in state:
-        parts = (state["aug_rng_states"], state["rank_loss_sums"], state["rank_loss_counts"])
-        if not all(isinstance(p, list) and len(p) == world for p in parts):
-            raise UserError(f"cannot resume from {source!r}: its per-process state is incomplete; delete it "
-                            "to redo that epoch from the last periodic checkpoint")
-        return tuple(p[rank] for p in parts)
-    return state["aug_rng_state"], state["loss_sum"], state["loss_count"]  # one-process file of an earlier version
+    parts = (state.get("aug_rng_states"), state.get("rank_loss_sums"), state.get("rank_loss_counts"))
+    if not all(isinstance(p, list) and len(p) == world for p in parts):
+        raise UserError(f"cannot resume from {source!r}: its per-process state is incomplete; delete it "
+                        "to redo that epoch from the last periodic checkpoint")
+    return tuple(p[rank] for p in parts)
 
 
 def _history(state, log, up_to_epoch):
     rows = state.get("history")
     if isinstance(rows, list) and all(isinstance(r, dict) and str(r.get("Epoch", "")).isdigit() for r in rows):
         return [dict(r) for r in rows if int(r["Epoch"]) <= up_to_epoch]
-    return loss_log.read_history(log, up_to_epoch)  # a checkpoint of an earlier version: the log is all there is
+    return loss_log.read_history(log, up_to_epoch)  # the reference code's checkpoint: the log is all there is
 
 
 def restore(paths, target, settings, folder_key, say):
@@ -293,7 +304,7 @@ def start_or_resume(run):
         target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
                                        rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
         run.start_epoch, run.partial, run.history, run.best_val = restore(
-            run.paths, target, run.settings, f"model_saved_location_{run.loss_name}", run.say)
+            run.paths, target, run.settings, run.loss.key("model_saved_location"), run.say)
     seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
     run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
 

@@ -17,14 +17,14 @@ from PIL import Image
 import Dataset
 from core import checkpoint_io
 from core import inference
-from core import outputs
+from core import atomic
 from core import report
 from core import training_engine
 from Auto_encoder import AutoEncoder
 from Dataset import ImageFolder, find_images, load_image
 from core.errors import UserError
 from conftest import REPO, script_env, tile_array
-from core.outputs import printable
+from core.names import printable
 
 TILE = 32
 LATIN1_NAME = os.fsdecode(b"latin1_caf\xe9.png")  # a name that is not UTF-8, as copied from an old system
@@ -32,7 +32,7 @@ LATIN1_BAD = os.fsdecode(b"broken_caf\xe9.jpg")
 
 
 def in_workbook(path):
-    """How a path appears in the workbook: bytes that are not UTF-8 become \\xNN (outputs.printable)."""
+    """How a path appears in the workbook: bytes that are not UTF-8 become \\xNN (names.printable)."""
     return printable(path)
 
 
@@ -181,7 +181,7 @@ def skip_warnings(stdout):
 
 
 def assert_one_warning_per_bad_file(stdout, bad):
-    """Bytes of a file name that are not UTF-8 are shown as \\xNN (outputs.printable)."""
+    """Bytes of a file name that are not UTF-8 are shown as \\xNN (names.printable)."""
     warnings = skip_warnings(stdout)
     assert len(warnings) == len(bad), stdout
     for path, reason in bad.items():
@@ -403,5 +403,5 @@ def test_workbook_path_that_is_a_folder_fails_before_any_work(tmp_path):
 def test_atomic_write_onto_a_folder_is_a_user_error(tmp_path):
     (tmp_path / "loss.csv").mkdir()
     with pytest.raises(UserError, match="is a folder"):
-        outputs.atomic_write(str(tmp_path / "loss.csv"), lambda tmp: open(tmp, "w").close())
+        atomic.atomic_write(str(tmp_path / "loss.csv"), lambda tmp: open(tmp, "w").close())
     assert sorted(os.listdir(tmp_path)) == ["loss.csv"]

@@ -129,12 +129,12 @@ def test_launch_with_sync_batchnorm(launched_run, single):
 # spawned processes import this file as their __main__ too, so they get the slow loss as well.
 SLOW_LAUNCHER = """
 import sys, time
-from core import metrics
-real = metrics.LOSSES["mse"]
+from core import losses
+real = losses.LOSSES["mse"]
 def slow(output, target):
     time.sleep(0.3)
     return real(output, target)
-metrics.LOSSES["mse"] = slow
+losses.LOSSES["mse"] = slow
 from core import training_engine
 if __name__ == "__main__":
     training_engine.run_main(lambda: training_engine.launch("mse", sys.argv[1:], processes=2))

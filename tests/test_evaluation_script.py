@@ -17,7 +17,7 @@ from core import inference
 from core import report
 from Auto_encoder import AutoEncoder
 from Dataset import find_images, load_image
-from core.outputs import png_bytes
+from core.png import png_bytes
 from core.errors import UserError
 from core.cli import load_config
 from core.runtime import autocast_dtype

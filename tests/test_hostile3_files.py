@@ -17,7 +17,7 @@ import Dataset
 import Extract_Features
 from core import evaluation_engine
 from core import loss_log
-from core import outputs
+from core import png
 from core.cli import load_config
 from core.errors import UserError
 from conftest import tile_array
@@ -124,12 +124,12 @@ def test_a_subfolder_without_read_permission_on_disk(tmp_path, make_tiles):
 
 def test_every_picture_the_project_draws_carries_the_mark_and_tiles_do_not(tmp_path, make_tiles, model_file):
     rgb = tile_array(0, TILE)
-    outputs.write_png(tmp_path / "tile.png", rgb)
-    outputs.write_png(tmp_path / "drawn.png", rgb, mark=True)
-    assert outputs.is_marked_png((tmp_path / "tile.png").read_bytes()) is False
-    assert outputs.is_marked_png((tmp_path / "drawn.png").read_bytes()) is True
+    png.write_png(tmp_path / "tile.png", rgb)
+    png.write_png(tmp_path / "drawn.png", rgb, mark=True)
+    assert png.is_marked_png((tmp_path / "tile.png").read_bytes()) is False
+    assert png.is_marked_png((tmp_path / "drawn.png").read_bytes()) is True
     with Image.open(tmp_path / "drawn.png") as img:  # an ordinary text chunk, and the same pixels
-        assert outputs.OUTPUT_MARK_KEY in img.text and np.array_equal(np.asarray(img), rgb)
+        assert png.OUTPUT_MARK_KEY in img.text and np.array_equal(np.asarray(img), rgb)
     loss_log.plot_history(tmp_path / "curve.png", [{"Epoch": 1, "Loss": "0.1"}, {"Epoch": 2, "Loss": "0.05"}], "mse")
     folder = tmp_path / "tiles"
     make_tiles(folder, ["a.png", "b.png", "c/d.png"], size=TILE)
@@ -139,7 +139,7 @@ def test_every_picture_the_project_draws_carries_the_mark_and_tiles_do_not(tmp_p
              *sorted((tmp_path / "out").rglob("*.png"))]
     assert len(drawn) == 5
     for path in drawn:
-        assert outputs.is_marked_png(path.read_bytes()), path
+        assert png.is_marked_png(path.read_bytes()), path
 
 
 def test_pictures_of_an_earlier_run_among_the_tiles_are_skipped_with_one_warning(tmp_path, make_tiles, model_file,

@@ -7,6 +7,7 @@ import torch
 from PIL import Image, ImageFilter
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from core import losses
 from core import metrics
 from Auto_encoder import AutoEncoder
 
@@ -127,7 +128,7 @@ def test_half_precision_input_is_computed_in_float32(originals):
 def test_ssim_loss_is_one_minus_ssim(originals, autoencoder_output):
     x = to_batch([o / 255.0 for o in originals[:3]])
     y = to_batch(autoencoder_output).requires_grad_(True)
-    loss = metrics.LOSSES["ssim"](y, x)
+    loss = losses.LOSSES["ssim"](y, x)
     expected = 1 - np.mean([reference_ssim(to_array(y[i].detach()), to_array(x[i])) for i in range(3)])
     assert loss.item() == pytest.approx(expected, abs=TOL)
     assert loss.item() == pytest.approx(1 - metrics.ssim(y.detach(), x).item(), abs=1e-7)
@@ -139,7 +140,7 @@ def test_mse_loss_is_mean_squared_error(originals):
     x = to_batch([o / 255.0 for o in originals[:3]])
     y = to_batch([noised(o) for o in originals[:3]])
     expected = np.mean((y.double().numpy() - x.double().numpy()) ** 2)
-    assert metrics.LOSSES["mse"](y, x).item() == pytest.approx(expected, rel=1e-5)
+    assert losses.LOSSES["mse"](y, x).item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_ssim_window_made_once_per_device_and_equal_to_the_library_default():
@@ -161,7 +162,7 @@ def test_ssim_loss_trains_after_ssim_was_first_computed_for_inference():
     with torch.inference_mode():
         metrics.ssim(x, x)
     y = x.clone().requires_grad_(True)
-    metrics.LOSSES["ssim"](y * 0.9, x).backward()
+    losses.LOSSES["ssim"](y * 0.9, x).backward()
     assert torch.isfinite(y.grad).all()
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 import Extract_Features
 from core import checkpoint_io
 from core import evaluation_engine
-from core import outputs
+from core import atomic
 from core import report
 from core.errors import UserError
 from core.cli import load_config
@@ -72,7 +72,7 @@ def test_atomic_write_refuses_links_and_special_files(tmp_path):
     for kind, path in special_files(tmp_path).items():
         before = os.lstat(path)
         with pytest.raises(UserError, match=f"it is a {kind}, not a regular file") as caught:
-            outputs.atomic_write(str(path), lambda tmp: open(tmp, "w").write("new"))
+            atomic.atomic_write(str(path), lambda tmp: open(tmp, "w").write("new"))
         assert "\n" not in str(caught.value) and str(path) in str(caught.value)
         after = os.lstat(path)
         assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino), kind
@@ -111,7 +111,7 @@ def test_disk_full_while_writing_comparison_pngs(tmp_path, tiles, model_file, mo
             handle.write(data)
         written.append(path)
 
-    monkeypatch.setattr(outputs, "write_bytes", fills_up)
+    monkeypatch.setattr(atomic, "write_bytes", fills_up)
     with pytest.raises(UserError, match="No space left on device") as caught:
         evaluation_engine.evaluate(eval_config(tiles, model_file, out, batch=1), "mse")
     message = str(caught.value)
@@ -128,14 +128,14 @@ def test_disk_full_while_writing_the_workbook(tmp_path, tiles, model_file, monke
     out.mkdir()
     (out / "metrics.xlsx").write_bytes(b"an earlier run's workbook")
 
-    flush = outputs._fsync
+    flush = atomic._fsync
 
     def fsync(path):  # a full disk shows when the data is flushed on many file systems (NFS, ext4)
         if os.path.basename(path).startswith(".metrics.xlsx."):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         flush(path)
 
-    monkeypatch.setattr(outputs, "_fsync", fsync)
+    monkeypatch.setattr(atomic, "_fsync", fsync)
     with pytest.raises(UserError, match="metrics.xlsx") as caught:
         evaluation_engine.evaluate(eval_config(tiles, model_file, out), "mse")
     assert "the disk is full" in str(caught.value)
@@ -149,7 +149,7 @@ def test_check_writable_fails_on_a_full_disk(tmp_path, monkeypatch):
                               real.f_favail, real.f_flag, real.f_namemax))
     monkeypatch.setattr(os, "statvfs", lambda path: full)
     with pytest.raises(UserError, match="full disk"):
-        outputs.check_writable(str(tmp_path / "out"))
+        atomic.check_writable(str(tmp_path / "out"))
     monkeypatch.undo()
 
     def fsync(fd):
@@ -157,7 +157,7 @@ def test_check_writable_fails_on_a_full_disk(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left on device"):
-        outputs.check_writable(str(tmp_path / "out"))
+        atomic.check_writable(str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -244,7 +244,7 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, mo
     def fsync(_):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(outputs, "_fsync", fsync)
+    monkeypatch.setattr(atomic, "_fsync", fsync)
     with pytest.raises(UserError, match="Model_AE_epoch_005.pth.*the disk is full"):
         checkpoint_io.save({"epoch": 10, "weights": torch.zeros(1000)}, str(path))
     assert path.read_bytes() == before and not leftovers(tmp_path)

@@ -1,6 +1,7 @@
 """runtime.py: which GPU each process takes (CUDA mocked: four GPUs), the built-in launcher, and stdout that
 goes away while training runs."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -156,10 +157,32 @@ def test_stdout_whose_reader_left_is_not_an_error(tmp_path):
     assert stderr == "" and (tmp_path / "done").read_text() == "finished"
 
 
-def test_gpu_check_script_parses():
-    """tools/gpu_check.sh runs where a GPU is; here its syntax is checked."""
-    result = subprocess.run(["bash", "-n", str(REPO / "tools" / "gpu_check.sh")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+FAKE_PYTHON = """#!/bin/sh
+echo "$*" >> "$CALLS"
+case "$*" in *Evaluation_MSE.py*) exit 3 ;; esac
+exit 0
+"""
+
+
+def test_gpu_check_script_runs_every_step_and_reports_the_failed_one(tmp_path):
+    """tools/gpu_check.sh runs where a GPU is; here with a stand-in python that records each command and
+    fails Evaluation_MSE.py: every step still runs, and the failed one is named in the summary and exit status."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(FAKE_PYTHON)
+    (bin_dir / "python").chmod(0o755)
+    env = {**script_env(), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    result = subprocess.run(["bash", str(REPO / "tools" / "gpu_check.sh"), str(tmp_path / "check.log")],
+                            capture_output=True, text=True, env=env, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert result.returncode == 1, result.stdout + result.stderr
+    for loss in ("MSE", "SSIM"):
+        assert any(f"Training_{loss}.py" in call and "--num_epochs=2" in call for call in calls)
+        assert any(f"Training_{loss}.py" in call and "--num_epochs=3" in call for call in calls)
+    assert any("Extract_Features.py" in call for call in calls) and any("benchmark.py" in call for call in calls)
+    log = (tmp_path / "check.log").read_text()
+    assert "=== Evaluation_MSE.py (the model just trained): exit 3" in log
+    assert "gpu_check: 1 step(s) failed" in log and "Evaluation_MSE.py (the model just trained) (exit 3)" in log
 
 
 WORKER_THREADS_AFTER_MAIN_LEFT = """

@@ -15,6 +15,7 @@ from PIL import Image
 
 from core import checkpoint_io
 from core import loss_log
+from core import losses
 from core import metrics
 from core import training_data
 from core import training_engine
@@ -237,7 +238,7 @@ def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path
     """The forward pass has already moved BatchNorm statistics when the signal lands: stopping there would
     checkpoint half a step, and the resumed run would differ from an uninterrupted one."""
     train(small_tiles, tmp_path / "reference", 2)
-    real, calls = metrics.LOSSES["mse"], []
+    real, calls = losses.LOSSES["mse"], []
 
     def signalled_at_third_step(output, target):
         calls.append(1)
@@ -251,7 +252,7 @@ def test_signal_in_the_middle_of_a_step_waits_for_the_step(small_tiles, tmp_path
     previous = signal.signal(signal.SIGTERM, unhandled)  # never let the test runner itself be terminated
     try:
         with monkeypatch.context() as patch:
-            patch.setitem(metrics.LOSSES, "mse", signalled_at_third_step)
+            patch.setitem(losses.LOSSES, "mse", signalled_at_third_step)
             with pytest.raises(KeyboardInterrupt):
                 train(small_tiles, tmp_path / "run", 2)
     finally:
@@ -306,14 +307,14 @@ def test_interrupt_while_an_epoch_is_wrapped_up_keeps_it(small_tiles, wrapped_up
 
 def nan_loss_at_step(step, monkeypatch):
     """Make the MSE loss NaN at its step-th call from now on; returns the list that counts the calls."""
-    real, calls = metrics.LOSSES["mse"], []
+    real, calls = losses.LOSSES["mse"], []
 
     def nan_at_step(output, target):
         calls.append(1)
         loss = real(output, target)
         return loss * math.nan if len(calls) == step else loss
 
-    monkeypatch.setitem(metrics.LOSSES, "mse", nan_at_step)
+    monkeypatch.setitem(losses.LOSSES, "mse", nan_at_step)
     return calls
 
 
@@ -322,7 +323,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(small_tiles, tmp_path, monk
     checkpoints = tmp_path / "checkpoints"
     before = file_bytes(checkpoints)
     nan_loss_at_step(3, monkeypatch)
-    assert training_engine.LOSSES["mse"] is metrics.LOSSES["mse"]
+    assert training_engine.LOSSES["mse"] is losses.LOSSES["mse"]
     # 8 training tiles, batch 4: epoch 2 is steps 1-2 of this run, so the third is epoch 3, step 1.
     with pytest.raises(UserError, match=r"loss became nan at epoch 3, step 1\b"):
         train(small_tiles, tmp_path, 3, "--save_interval=1")
@@ -348,13 +349,13 @@ def test_non_finite_loss_exits_2_with_one_error_line(small_tiles, tmp_path):
 
 
 def test_validation_split_metrics_and_best_model(small_tiles, tmp_path, monkeypatch):
-    real, targets = metrics.LOSSES["mse"], []
+    real, targets = losses.LOSSES["mse"], []
 
     def recording_loss(output, target):
         targets.extend(target.detach().clone())
         return real(output, target)
 
-    monkeypatch.setitem(metrics.LOSSES, "mse", recording_loss)
+    monkeypatch.setitem(losses.LOSSES, "mse", recording_loss)
     # fp32, so that the logged validation metrics can be recomputed exactly from the checkpoints below.
     train(small_tiles, tmp_path, 3, "--val_fraction=0.25", "--save_interval=1", "--mixed_precision=off")
     rows = read_rows(tmp_path / "loss.csv")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import metrics
+from core import losses
 from core import training_engine
 from core import training_state
 from Auto_encoder import AutoEncoder
@@ -176,13 +176,13 @@ def test_resume_false_starts_again_at_epoch_1(resumable, tiles, run_script):
 @pytest.mark.parametrize("augment", [True, False])
 def test_train_crop_size_in_process(tiles, tmp_path, monkeypatch, augment):
     shapes = []
-    mse = metrics.LOSSES["mse"]
+    mse = losses.LOSSES["mse"]
 
     def recording_loss(output, target):
         shapes.append((tuple(output.shape), tuple(target.shape)))
         return mse(output, target)
 
-    monkeypatch.setitem(metrics.LOSSES, "mse", recording_loss)
+    monkeypatch.setitem(losses.LOSSES, "mse", recording_loss)
     cfg = load_config(settings(tiles, tmp_path, "mse", 1, "--train_crop_size=32", f"--augment={augment}"))
     history = training_engine.train(cfg, "mse")
     assert [int(row["Epoch"]) for row in history] == [1]
