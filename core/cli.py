@@ -241,9 +241,9 @@ def run_main(main, script=None, loss=None, argv=None):
     process-wide malloc switch Config.keep_freed_memory was applied (malloc_tuning.apply); without, main().
 
     Exit codes: a UserError is one line `error: ...` on stderr, exit 2; an interrupt (KeyboardInterrupt,
-    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`,
-    exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM); stdout closed by its reader (`| head`) is a
-    quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
+    with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`
+    (unless the interrupt says it was reported already), exit 128 + the signal (130 for Ctrl-C, 143 for
+    SIGTERM); stdout closed by its reader (`| head`) is a quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
     while a plain pipeline still reports head's status."""
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
@@ -261,7 +261,8 @@ def run_main(main, script=None, loss=None, argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as err:
-        print("interrupted", file=sys.stderr)
+        if not getattr(err, "reported", False):  # training has already said where it saved the run
+            print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
         if not _stdout_closed():

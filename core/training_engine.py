@@ -234,16 +234,19 @@ def train_one_epoch(run, epoch):
                 step += 1
                 loss.add(batch_loss, len(images), step)
                 run.images_seen += len(images) * ddp.world
-            if step % cfg.finite_check_interval == 0:
+            checked = step % cfg.finite_check_interval == 0
+            if checked:
                 loss.check(ddp, epoch, run.paths.folder)
+            if checked or device.type == "cpu":  # on a CPU reading the loss waits for nothing: every step
                 bar.set_postfix(loss=f"{loss.total.item() / max(loss.count, 1):.5f}")
         bar.close()
         loss.check(ddp, epoch, run.paths.folder)
         # Wrapping up the epoch is covered too: an interruption here resumes at its last step.
         wrap_up(run, epoch, loss, lr, lambda: seconds_before + time.time() - started, step, aug_gen)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         bar.close()
         save_interrupt(run, epoch, step, loss, aug_gen, seconds_before + time.time() - started)
+        interrupt.reported = True  # its message is out: run_main adds no `interrupted` line
         raise
 
 
