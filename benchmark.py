@@ -253,12 +253,14 @@ def speed(args):
     with tempfile.TemporaryDirectory(prefix="benchmark_") as work:
         bench = workspace(plan, args, work, devices)
         print(f"Benchmarking on {len(bench.paths)} tiles ({plan.copies['cpu']} copies of those in "
-              f"{args.test_folder}): data pipeline ...", flush=True)
-        rows, notes = data_pipeline(plan, bench)
+              f"{args.test_folder}): {'training step' if args.step_only else 'data pipeline'} ...", flush=True)
+        rows, notes = data_pipeline(plan, bench) if not args.step_only else ([], [])
         around = []
         for device in devices:
             print(f"  {device.type}: training step ...", flush=True)
             rows += training(plan, bench, device)
+            if args.step_only:
+                continue
             print(f"  {device.type}: training script ...", flush=True)
             rows += training_script(plan, bench, device)
             print(f"  {device.type}: evaluation and features ...", flush=True)
@@ -288,6 +290,8 @@ def parse_args(argv):
     parser.add_argument("--devices", choices=("all", "cpu", "cuda"), default="all",
                         help="speed: the devices whose rows run (default all: the CPU, and the GPU when present)")
     parser.add_argument("--quick", action="store_true", help="a few small tiles: checks that everything runs")
+    parser.add_argument("--step_only", action="store_true",
+                        help="speed: only the training step's rows (1b and 2), about two minutes on a CPU")
     parser.add_argument("--quality", action="store_true", help="train both recipes and compare reconstructions")
     parser.add_argument("--images", type=int, help="quality: training images per recipe (default 5000)")
     parser.add_argument("--crop", type=int, help="quality: training crop side, pixels (default 128)")
@@ -302,6 +306,8 @@ def parse_args(argv):
     given = [f"--{key}" for key in quality_defaults if getattr(args, key) is not None]
     if given and not args.quality:
         parser.error(f"{', '.join(given)} can only be used with --quality")
+    if args.quality and args.step_only:
+        parser.error("--step_only applies to the speed benchmark")
     if args.quality and args.quick:
         parser.error("--quick applies to the speed benchmark; shrink --quality with --images and --crop")
     if args.threads < 1:

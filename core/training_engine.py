@@ -238,7 +238,8 @@ def train_one_epoch(run, epoch):
             if checked:
                 loss.check(ddp, epoch, run.paths.folder)
             if checked or device.type == "cpu":  # on a CPU reading the loss waits for nothing: every step
-                bar.set_postfix(loss=f"{loss.total.item() / max(loss.count, 1):.5f}")
+                # refresh=False: the bar's next update shows it, instead of the bar being drawn twice a step
+                bar.set_postfix(loss=f"{loss.total.item() / max(loss.count, 1):.5f}", refresh=False)
         bar.close()
         loss.check(ddp, epoch, run.paths.folder)
         # Wrapping up the epoch is covered too: an interruption here resumes at its last step.
