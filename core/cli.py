@@ -243,8 +243,8 @@ def run_main(main, script=None, loss=None, argv=None):
     Exit codes: a UserError is one line `error: ...` on stderr, exit 2; an interrupt (KeyboardInterrupt,
     with the signal number as its signum attribute when it came from SIGTERM) is the line `interrupted`
     (unless the interrupt says it was reported already), exit 128 + the signal (130 for Ctrl-C, 143 for
-    SIGTERM); stdout closed by its reader (`| head`) is a quiet exit 141, the status of a program ended by SIGPIPE: not 0, since the work stopped unfinished,
-    while a plain pipeline still reports head's status."""
+    SIGTERM); stdout closed by its reader (`| head`) is a quiet exit 141, the status of a program ended by
+    SIGPIPE: not 0, since the work stopped unfinished, while a plain pipeline still reports head's status."""
     # A file name the terminal's encoding cannot show (bytes from another system) must not crash a
     # progress message: show it escaped, as stderr already does.
     if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):

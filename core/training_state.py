@@ -170,14 +170,20 @@ def adam(model, device, lr, weight_decay):
 
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping how this optimizer runs (fused or not), which
-    load_state_dict would take from the checkpoint, and each step count where fused Adam wants it."""
+    load_state_dict would take from the checkpoint, the moments in the layout of their parameters, and each
+    step count where fused Adam wants it."""
     running = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, kept in zip(optimizer.param_groups, running):
         group.update(kept)
-        for param in group["params"] if group["fused"] else ():
+        for param in group["params"]:
             entry = optimizer.state.get(param, {})
-            if isinstance(entry.get("step"), torch.Tensor):
+            for key, value in entry.items():
+                # Moments saved in another memory layout (a channels_last run resumed where training is
+                # contiguous): fused Adam pairs elements by position in memory, so they take the parameter's.
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+            if group["fused"] and isinstance(entry.get("step"), torch.Tensor):
                 entry["step"] = entry["step"].to(param.device, torch.float32)
 
 

@@ -9,6 +9,7 @@ import types
 import openpyxl
 import torch
 
+from core import training_state
 from core.training_engine import warn_if_too_few
 
 SMALL = ["--tile_size=64", "--num_workers=0", "--val_fraction=0", "--GPUs=cpu", "--save_interval=1"]
@@ -111,3 +112,24 @@ def test_progress_bar_shows_the_loss_from_the_first_step_on_a_cpu(tmp_path, make
     result = run_script("Training_SSIM.py", *train_args("tiles", 1), "--finite_check_interval=50", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert re.search(r"\| 1/2 \[[^\]]*loss=\d\.\d+\]", result.stderr), result.stderr
+
+
+def adam_after_resume(saved_layout):
+    """A parameter after two fused Adam steps, the second after a resume whose moments were saved in
+    saved_layout (the parameter itself is contiguous, as fp32 training on a CPU keeps it)."""
+    param = torch.nn.Parameter(torch.ones(8, 4, 3, 3))
+    optimizer = torch.optim.Adam([param], lr=1e-3, fused=True)
+    param.grad = torch.linspace(-1, 1, param.numel()).view_as(param)
+    optimizer.step()
+    state = optimizer.state_dict()
+    for key in ("exp_avg", "exp_avg_sq"):
+        state["state"][0][key] = state["state"][0][key].contiguous(memory_format=saved_layout)
+    resumed = torch.optim.Adam([param], lr=1e-3, fused=True)
+    training_state.load_optimizer_state(resumed, state)
+    param.grad = torch.linspace(1, -2, param.numel()).view_as(param)
+    resumed.step()
+    return param.detach().clone()
+
+
+def test_moments_saved_channels_last_resume_into_a_contiguous_model_exactly():
+    assert torch.equal(adam_after_resume(torch.channels_last), adam_after_resume(torch.contiguous_format))
