@@ -271,9 +271,10 @@ def speed(args):
     notes = [f"- Wall time {time.perf_counter() - started:.0f} s; {load_before} at the start, "
              f"{tables.load_average()} at the end.", f"- malloc set to keep freed memory for both sides: "
              f"{'yes' if plan.malloc else 'no'}.", *notes]
+    around_table = [tables.markdown_table(AROUND_HEADER, around)] if around else []  # none with --step_only
     tables.report(args.output, "Benchmark: speed", ["\n".join(tables.machine_lines()),
-                                                    tables.markdown_table(HEADER, rows),
-                                                    tables.markdown_table(AROUND_HEADER, around), "\n".join(notes)])
+                                                    tables.markdown_table(HEADER, rows), *around_table,
+                                                    "\n".join(notes)])
 
 
 def parse_args(argv):
