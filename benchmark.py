@@ -284,12 +284,16 @@ def speed(args):
     with tempfile.TemporaryDirectory(prefix="benchmark_") as work:
         bench = workspace(plan, args, work, devices)
         print(f"Benchmarking on {len(bench.paths)} tiles ({plan.copies['cpu']} copies of those in "
-              f"{args.test_folder}): data pipeline ...", flush=True)
-        rows, notes, around = ([], [], []) if args.slides else (*data_pipeline(plan, bench), [])
+              f"{args.test_folder}): {'training step' if args.step_only else 'data pipeline'} ...", flush=True)
+        only = args.slides or args.step_only
+        rows, notes, around = ([], [], []) if only else (*data_pipeline(plan, bench), [])
         for device in devices:
             if not args.slides:
                 print(f"  {device.type}: training step ...", flush=True)
                 rows += training(plan, bench, device)
+            if args.step_only:
+                continue
+            if not args.slides:
                 print(f"  {device.type}: training script ...", flush=True)
                 rows += training_script(plan, bench, device)
                 print(f"  {device.type}: evaluation and features ...", flush=True)
@@ -304,9 +308,9 @@ def speed(args):
     notes = [f"- Wall time {time.perf_counter() - started:.0f} s; {load_before} at the start, "
              f"{tables.load_average()} at the end.", f"- malloc set to keep freed memory for both sides: "
              f"{'yes' if plan.malloc else 'no'}.", *notes]
+    around_table = [tables.markdown_table(AROUND_HEADER, around)] if around else []  # none with --step_only
     tables.report(args.output, "Benchmark: speed", ["\n".join(tables.machine_lines()),
-                                                    tables.markdown_table(HEADER, rows),
-                                                    *([tables.markdown_table(AROUND_HEADER, around)] if around else []),
+                                                    tables.markdown_table(HEADER, rows), *around_table,
                                                     "\n".join(notes)])
 
 
@@ -325,6 +329,8 @@ def parse_args(argv):
                         help="speed: the devices whose rows run (default all: the CPU, and the GPU when present)")
     parser.add_argument("--quick", action="store_true", help="a few small tiles: checks that everything runs")
     parser.add_argument("--slides", action="store_true", help="speed: only section 4b, whole slide to features")
+    parser.add_argument("--step_only", action="store_true",
+                        help="speed: only the training step's rows (1b and 2), about two minutes on a CPU")
     parser.add_argument("--quality", action="store_true", help="train both recipes and compare reconstructions")
     parser.add_argument("--images", type=int, help="quality: training images per recipe (default 5000)")
     parser.add_argument("--crop", type=int, help="quality: training crop side, pixels (default 128)")
@@ -339,8 +345,10 @@ def parse_args(argv):
     given = [f"--{key}" for key in quality_defaults if getattr(args, key) is not None]
     if given and not args.quality:
         parser.error(f"{', '.join(given)} can only be used with --quality")
-    if args.quality and args.slides:
-        parser.error("--slides is a section of the speed benchmark; leave out --quality")
+    if args.quality and (args.slides or args.step_only):
+        parser.error("--slides and --step_only are sections of the speed benchmark; leave out --quality")
+    if args.slides and args.step_only:
+        parser.error("--slides and --step_only are two different sections: give one")
     if args.quality and args.quick:
         parser.error("--quick applies to the speed benchmark; shrink --quality with --images and --crop")
     if args.threads < 1:

@@ -313,7 +313,8 @@ def run_main(main, script=None, loss=None, argv=None):
 
     Exit codes: a UserError is one line `error: ...` on stderr (under torchrun from local rank 0 only),
     exit 2; an interrupt (KeyboardInterrupt, with the signal number as its signum attribute when a stop
-    signal caused it) is the line `interrupted`, exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM,
+    signal caused it) is the line `interrupted`
+    (unless the interrupt says it was reported already), exit 128 + the signal (130 for Ctrl-C, 143 for SIGTERM,
     129 for SIGHUP); stdout closed by its reader (`| head`) is a quiet exit 141, the status of a program
     ended by SIGPIPE: not 0, since the work stopped unfinished, while a plain pipeline still reports head's
     status. Any other failure of stdout or stderr (closed, a full disk) drops their output and the work goes
@@ -344,7 +345,8 @@ def run_main(main, script=None, loss=None, argv=None):
     except KeyboardInterrupt as err:
         if threading.current_thread() is threading.main_thread():
             atexit.register(_ignore_stop_signals)  # runs before the exit hooks registered earlier
-        print("interrupted", file=sys.stderr)
+        if not getattr(err, "reported", False):  # training has already said where it saved the run
+            print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
     except BrokenPipeError:
         if not streams.reader_gone():

@@ -8,9 +8,13 @@ import collections
 import math
 import os
 import multiprocessing
+import shutil
+import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
+import openpyxl
 import torch
 from tqdm import tqdm
 
@@ -44,6 +48,54 @@ def check_outputs(cfg, loss_name):
         raise UserError(f"{out_key}={out_dir!r} is the image folder itself: its comparison PNGs "
                         "would be mixed with the tiles; choose another folder (a subfolder of it is fine)")
     return out_dir, workbook_path
+
+
+PREVIOUS_RUN_PREFIX = "previous_run_"
+
+
+def earlier_comparisons(out_dir):
+    """The comparison PNGs under out_dir, outside the previous_run_* folders that earlier runs moved aside."""
+    found = []
+    for top, dirs, files in os.walk(out_dir):
+        dirs[:] = [d for d in dirs if not (top == out_dir and d.startswith(PREVIOUS_RUN_PREFIX))]
+        found += [os.path.join(top, f) for f in files if f.endswith("_comparison.png")]
+    return found
+
+
+def evaluated_model(workbook_path):
+    """The model an earlier workbook at workbook_path names in its Run sheet, or None."""
+    try:
+        book = openpyxl.load_workbook(workbook_path, read_only=True)
+        try:
+            return next((str(row[1]) for row in book["Run"].iter_rows(values_only=True) if row[0] == "Model"), None)
+        finally:
+            book.close()
+    except Exception:  # missing, damaged or not this project's workbook: nothing to compare with
+        return None
+
+
+def keep_one_run(out_dir, out_paths, workbook_path, model_path, loss_name):
+    """Before any PNG is written: the earlier run's comparison PNGs that this run will not rewrite move into
+    out_dir/previous_run_<time>_<random>/ (the folder then always matches the workbook), and a line says
+    when the PNGs and workbook of another model are about to be replaced."""
+    earlier = earlier_comparisons(out_dir) if os.path.isdir(out_dir) else []
+    rewritten = {os.path.normcase(os.path.abspath(p)) for p in out_paths}
+    stale = [p for p in earlier if os.path.normcase(os.path.abspath(p)) not in rewritten]
+    previous = evaluated_model(workbook_path) if os.path.isfile(workbook_path) else None
+    if (earlier or previous) and previous is not None and os.path.abspath(previous) != os.path.abspath(model_path):
+        print(f"Replacing the results of {printable(previous)} in {printable(out_dir)} and "
+              f"{printable(workbook_path)} (give recon_output_{loss_name} and "
+              f"reconstruction_metrics_{loss_name} other names to keep them).")
+    if not stale:
+        return
+    target = tempfile.mkdtemp(prefix=time.strftime(f"{PREVIOUS_RUN_PREFIX}%Y%m%d-%H%M%S_"), dir=out_dir)
+    os.chmod(target, os.stat(out_dir).st_mode & 0o777)  # as shared as the output folder, not private
+    for path in stale:
+        moved = os.path.join(target, os.path.relpath(path, out_dir))
+        os.makedirs(os.path.dirname(moved), exist_ok=True)
+        shutil.move(path, moved)
+    print(f"Moved {len(stale)} comparison PNG(s) of an earlier run, for tiles this run does not evaluate, to "
+          f"{printable(target)}; delete that folder once you no longer need it.")
 
 
 def check_finite(metrics, paths, model_path):
@@ -100,6 +152,7 @@ def evaluate_into(cfg, loss_name, out_dir, workbook_path):
     out_paths = {path: os.path.join(out_dir, name) for path, name in names.items()}
     for out_path in out_paths.values():
         check_target(out_path)
+    keep_one_run(out_dir, out_paths.values(), workbook_path, model_path, loss_name)
     print(f"Evaluating {printable(model_path)} on {len(run.dataset)} files from {printable(folder)} on "
           f"{run.device} in {precision_name(run.amp_dtype)}.")
 

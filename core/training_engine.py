@@ -72,7 +72,8 @@ def validation_metrics(run, loader):
 
 def forward_loss(model, images, loss_fn, crop, augment, aug_gen, amp_dtype):
     """uint8 tiles already on the device -> the loss of their reconstruction, exactly as training computes it."""
-    batch = prepare_batch(images, crop, augment, aug_gen).contiguous(memory_format=torch.channels_last)
+    batch = prepare_batch(images, crop, augment, aug_gen)
+    batch = batch.contiguous(memory_format=runtime.training_layout(batch.device, amp_dtype))
     with autocast(batch.device.type, amp_dtype):
         output = model(batch)
     return loss_fn(output, batch)
@@ -133,6 +134,22 @@ def run_paths(cfg, loss_name):
         best=os.path.join(folder, training_state.model_name("Best", loss)))
 
 
+MIN_BATCHES_PER_EPOCH = 4  # fewer batches than this per epoch, or fewer steps than MIN_STEPS in the run, is warned of
+MIN_STEPS = 300
+
+
+def warn_if_too_few(cfg, tiles, say):
+    """One warning line when the training set is too small for the settings to train a useful model."""
+    per_epoch = max(1, tiles // cfg.batch_size_train)
+    steps = per_epoch * cfg.num_epochs
+    if per_epoch >= MIN_BATCHES_PER_EPOCH and steps >= MIN_STEPS:
+        return
+    say(f"warning: {tiles} training tiles in batches of batch_size_train={cfg.batch_size_train} make {per_epoch} "
+        f"step(s) per epoch and {steps} in num_epochs={cfg.num_epochs}, too few to train a useful model: cut more "
+        "tiles (Prepare_Tiles.py with a smaller tile_stride, such as --tile_stride=32), lower batch_size_train "
+        "(with a train_crop_size such as 64, each step is cheaper), or raise num_epochs")
+
+
 def set_up(cfg, loss_name, paths, ddp, interrupts):
     """Everything an epoch needs, as one namespace: device, data, model, optimizer, and where it resumes."""
     say = runtime.say if ddp.main else (lambda *parts: None)
@@ -157,26 +174,28 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tiles of one size: cuDNN times its kernels once, then keeps the fastest
     torch.manual_seed(cfg.seed)  # same initial weights on every rank and in every fresh run
-    raw_model = AutoEncoder().to(device, memory_format=torch.channels_last)
+    amp_dtype = autocast_dtype(device, cfg.mixed_precision, training=True)
+    raw_model = AutoEncoder().to(device, memory_format=runtime.training_layout(device, amp_dtype))
     if ddp.world > 1 and cfg.sync_batchnorm:
         if device.type == "cuda":
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
         else:  # DistributedDataParallel refuses SyncBatchNorm layers on the CPU
             say("sync_batchnorm ignored: PyTorch synchronises BatchNorm only between GPUs; "
                 "each CPU process keeps its own statistics.")
-    amp_dtype = autocast_dtype(device, cfg.mixed_precision, training=True)
     run = types.SimpleNamespace(
         cfg=cfg, loss_name=loss_name, loss=losses.get(loss_name), paths=paths, ddp=ddp, device=device, say=say, interrupts=interrupts,
         raw_model=raw_model, amp_dtype=amp_dtype, loss_fn=LOSSES[loss_name],
         optimizer=training_state.adam(raw_model, device, cfg.learning_rate, cfg.weight_decay),
         scaler=torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-        settings=training_state.experiment(cfg, loss_name, raw_model), skips=SkipLog() if ddp.main else SkipLog.quiet(),
+        settings=training_state.experiment(cfg, loss_name, raw_model, len(dataset)),
+        skips=SkipLog() if ddp.main else SkipLog.quiet(),
         plotted=-math.inf, batch_size=cfg.batch_size_train // ddp.world)
     run.skips.add_left_out(dataset.left_out)
     training_state.start_or_resume(run)
     run.model = ddp.wrap(raw_model, cfg.compile_model)
     training_data.build_loaders(run, dataset, train_idx, val_idx)
     if run.start_epoch <= cfg.num_epochs:
+        warn_if_too_few(cfg, len(train_idx), say)
         say(f"Training on {len(train_idx)} tiles ({len(val_idx)} more for validation) from {cfg.folder_path_train} "
             f"on {device}{f' x {ddp.world} processes' if ddp.world > 1 else ''} in {precision_name(amp_dtype)}, "
             f"{run.loss.tag} loss, epochs {run.start_epoch}..{cfg.num_epochs}.")
@@ -223,16 +242,20 @@ def train_one_epoch(run, epoch):
                 step += 1
                 loss.add(batch_loss, len(images), step)
                 run.images_seen += len(images) * ddp.world
-            if step % cfg.finite_check_interval == 0:
+            checked = step % cfg.finite_check_interval == 0
+            if checked:
                 loss.check(ddp, epoch, run.paths.folder)
-                bar.set_postfix(loss=f"{loss.total.item() / max(loss.count, 1):.5f}")
+            if checked or device.type == "cpu":  # on a CPU reading the loss waits for nothing: every step
+                # refresh=False: the bar's next update shows it, instead of the bar being drawn twice a step
+                bar.set_postfix(loss=f"{loss.total.item() / max(loss.count, 1):.5f}", refresh=False)
         bar.close()
         loss.check(ddp, epoch, run.paths.folder)
         # Wrapping up the epoch is covered too: an interruption here resumes at its last step.
         wrap_up(run, epoch, loss, lr, lambda: seconds_before + time.time() - started, step, aug_gen)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         bar.close()
         save_interrupt(run, epoch, step, loss, aug_gen, seconds_before + time.time() - started)
+        interrupt.reported = True  # its message is out: run_main adds no `interrupted` line
         raise
 
 

@@ -147,19 +147,31 @@ class Refused(UserError):
     """A checkpoint that is intact but cannot continue this run (another experiment, another launch)."""
 
 
-def experiment(cfg, loss_name, model):
-    """The settings that make a run this experiment and no other: a checkpoint with other values is refused."""
+INFO_KEYS = ("tiles",)  # stored settings that say what a run used without making it another experiment
+
+
+def experiment(cfg, loss_name, model, tiles):
+    """The settings that make a run this experiment and no other: a checkpoint with other values is refused.
+    tiles (the count it trains and validates on) is kept for the record, not compared."""
     crop = cfg.train_crop_size if 0 < cfg.train_crop_size < cfg.tile_size else 0
     layers = ";".join(f"{key}{tuple(value.shape)}" for key, value in model.state_dict().items())
     return {"loss": loss_name, "tile_size": cfg.tile_size, "train_crop_size": crop,
-            "architecture": "AE_CRC-" + hashlib.sha1(layers.encode()).hexdigest()[:10]}
+            "architecture": "AE_CRC-" + hashlib.sha1(layers.encode()).hexdigest()[:10],
+            "folder_path_train": os.path.realpath(cfg.folder_path_train), "tiles": tiles}
 
 
 def check_experiment(state, source, settings, folder_key):
     saved = state.get("settings")
     if not isinstance(saved, dict):  # the reference code's Model_AE_epoch_NNN.pth carries no settings
         return
-    differ = [f"{key}={saved.get(key)!r} there, {value!r} now" for key, value in settings.items()
+    # A key an older checkpoint lacks (folder_path_train) does not refuse it: that run stays resumable.
+    compared = {key: value for key, value in settings.items() if key not in INFO_KEYS and key in saved}
+    folder = compared.pop("folder_path_train", None)
+    if folder is not None and saved["folder_path_train"] != folder:
+        raise Refused(f"cannot resume from {source!r}: its run trained on {saved['folder_path_train']!r}, this one "
+                      f"on {folder!r}; pass --resume=false to start over (the old run is moved aside), or set "
+                      f"{folder_key} to another folder for this experiment")
+    differ = [f"{key}={saved.get(key)!r} there, {value!r} now" for key, value in compared.items()
               if saved.get(key) != value]
     if differ:
         raise Refused(f"cannot resume from {source!r}: it belongs to another experiment ({'; '.join(differ)}); "
@@ -177,14 +189,20 @@ def adam(model, device, lr, weight_decay):
 
 def load_optimizer_state(optimizer, state):
     """optimizer.load_state_dict(state), keeping how this optimizer runs (fused or not), which
-    load_state_dict would take from the checkpoint, and each step count where fused Adam wants it."""
+    load_state_dict would take from the checkpoint, the moments in the layout of their parameters, and each
+    step count where fused Adam wants it."""
     running = [{key: group.get(key) for key in ("fused", "foreach")} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, kept in zip(optimizer.param_groups, running):
         group.update(kept)
-        for param in group["params"] if group["fused"] else ():
+        for param in group["params"]:
             entry = optimizer.state.get(param, {})
-            if isinstance(entry.get("step"), torch.Tensor):
+            for key, value in entry.items():
+                # Moments saved in another memory layout (a channels_last run resumed where training is
+                # contiguous): fused Adam pairs elements by position in memory, so they take the parameter's.
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
+                    entry[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+            if group["fused"] and isinstance(entry.get("step"), torch.Tensor):
                 entry["step"] = entry["step"].to(param.device, torch.float32)
 
 

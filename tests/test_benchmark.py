@@ -59,6 +59,15 @@ def test_quick_speed_benchmark_reports_every_section(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # temporary outputs cleaned up
 
 
+def test_step_only_reports_the_training_step_rows(tmp_path):
+    result = run_benchmark(tmp_path, "--quick", "--step_only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row[0].split()[0]: row for row in table(result.stdout, "| section |")}
+    assert sorted(rows) == ["1b.", "2."], rows.keys()
+    assert float(rows["2."][1]) > 0 and float(rows["2."][3]) > 0
+    assert "--step_only" in result.stdout and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_quality_benchmark_on_a_tiny_training_folder(tmp_path, make_tiles):
     make_tiles(tmp_path / "tiles", [f"t{i}.png" for i in range(4)], size=128)
     result = run_benchmark(tmp_path, "--quality", "--images=32", "--crop=64", "--batch=8", "--train_folder=tiles")

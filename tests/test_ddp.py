@@ -3,6 +3,7 @@ import csv
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,7 +80,8 @@ def single(tiles, tmp_path_factory):
     """The files of the same 2-epoch run in one process."""
     out = tmp_path_factory.mktemp("single")
     training_engine.train(load_config(settings(tiles, out, 2)), "mse")
-    return files(out)
+    yield files(out)
+    shutil.rmtree(out)  # its checkpoints: not kept past the module, even when a test of the session fails
 
 
 def assert_two_process_run(result, out, epochs, single_files):
@@ -115,7 +117,8 @@ def launched_run(tiles, tmp_path_factory):
     """An uninterrupted 2-epoch run in two processes started by launch(), with augmentation (sync_batchnorm
     has no effect on the CPU): (folder, CompletedProcess)."""
     out = tmp_path_factory.mktemp("launched")
-    return out, launched(tiles, out, 2, "--sync_batchnorm=true", "--augment=true")
+    yield out, launched(tiles, out, 2, "--sync_batchnorm=true", "--augment=true")
+    shutil.rmtree(out)
 
 
 def test_launch_with_sync_batchnorm(launched_run, single):

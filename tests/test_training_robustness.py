@@ -223,6 +223,7 @@ def test_interrupt_checkpoint_and_exact_resume(long_tiles, uninterrupted, tmp_pa
     assert {"epoch", "step", "model_state_dict", "optimizer_state_dict"} <= set(state)
     assert state["epoch"] == 2 and 0 < state["step"] < LONG_EPOCH_STEPS
     assert f"Interrupted at epoch 2, step {state['step']}" in output
+    assert not re.search(r"(^|[\r\n])interrupted\s*$", output), output[-300:]  # the message is the last line
     assert training_state.latest_checkpoint(str(checkpoints)) is None
     assert epochs_of(read_rows(tmp_path / "loss.csv")) == [1]
 

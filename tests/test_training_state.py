@@ -210,8 +210,8 @@ def test_broken_interrupt_file_falls_back_to_the_periodic_checkpoint(run_copy, t
     interrupt.write_bytes(b"PK\x03\x04 half a checkpoint")
     train(tiles, run_copy, 3)
     out = capsys.readouterr().out
-    warnings = [line for line in out.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and str(interrupt) in warnings[0]
+    warnings = [line for line in out.splitlines() if line.startswith("warning:") and "too few" not in line]
+    assert len(warnings) == 1 and str(interrupt) in warnings[0]  # besides the small training set's warning
     assert f"resuming from {run_copy / 'checkpoints' / CHECKPOINT.format(2)} instead" in warnings[0]
     assert "Epoch 3/3, Average Loss" in out and not interrupt.exists()
 
