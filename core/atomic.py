@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 
 from core.errors import UserError
 from core.names import special_kind

@@ -136,17 +136,17 @@ def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
 def evaluate(cfg, loss_name):
     """Evaluate the model of loss_name (a name in losses.RECORDS) on folder_path_test; returns the metric rows.
     Its outputs are locked for the run (run_lock): a second evaluation writing them is refused."""
-    model_path, folder = getattr(cfg, losses.get(loss_name).key("model_path")), cfg.folder_path_test
     inference.check_settings(cfg)
     out_dir, workbook_path = check_outputs(cfg, loss_name)
-    with run_lock.hold(out_dir, f"recon_output_{loss_name}", folder=True), \
-            run_lock.hold(workbook_path, f"reconstruction_metrics_{loss_name}"):
+    record = losses.get(loss_name)
+    with run_lock.hold(out_dir, record.key("recon_output"), folder=True), \
+            run_lock.hold(workbook_path, record.key("reconstruction_metrics")):
         return evaluate_into(cfg, loss_name, out_dir, workbook_path)
 
 
 def evaluate_into(cfg, loss_name, out_dir, workbook_path):
     """evaluate(), once its outputs are checked and locked."""
-    model_path, folder = getattr(cfg, f"model_path_{loss_name}"), cfg.folder_path_test
+    model_path, folder = getattr(cfg, losses.get(loss_name).key("model_path")), cfg.folder_path_test
     run = inference.setup(cfg, folder, model_path, exclude=[out_dir])
     names = comparison_names(run.dataset.paths, folder)
     out_paths = {path: os.path.join(out_dir, name) for path, name in names.items()}

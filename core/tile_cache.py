@@ -15,7 +15,6 @@ alone travels to the GPU: pinning the whole cache would lock memory the system c
 import torch
 from tqdm import tqdm
 
-from core import runtime
 from Dataset import in_shared_memory, start_batches
 from core.loaders import loader
 from core.memory import available_memory
