@@ -29,7 +29,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from core import inference
+from core import feature_files, inference
 from core import run_lock
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
@@ -40,9 +40,7 @@ from core.names import printable
 from core.png import PNG_MARK
 from core.runtime import precision_name
 
-FEATURE_DIM = 512
-FEATURE_COLUMNS = [f"Feature_{i}" for i in range(1, FEATURE_DIM + 1)]
-FLOAT_FORMAT = "%.9g"  # nine significant digits read back to the identical float32
+from core.feature_files import FEATURE_COLUMNS, FEATURE_DIM, FLOAT_FORMAT  # noqa: F401 (the layout, for readers)
 TOP_FOLDER_LABEL = "(top folder)"
 MAX_LEGEND_GROUPS = 20  # beyond this the colours repeat and a legend would hide the plot
 
@@ -128,15 +126,7 @@ def write_outputs(outputs, features, paths, skipped, folder):
     names = [printable(path) for path in paths]
 
     def write_csv(tmp):
-        # The 512 numbers with one %-format per row, faster than DataFrame.to_csv; the path goes through the
-        # csv module's quoting.
-        row_format = ",".join([FLOAT_FORMAT] * FEATURE_DIM)
-        with open(tmp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.writer(handle, lineterminator="\n")
-            writer.writerow(FEATURE_COLUMNS + ["File_Path"])
-            for row, name in zip(features, names):
-                handle.write(row_format % tuple(row.tolist()) + ",")
-                writer.writerow([name])
+        feature_files.write_csv(tmp, features, names)
 
     def write_npy(tmp):
         with open(tmp, "wb") as handle:  # np.save would append .npy to a bare temporary name

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from core import selection
+from core import selection, shares
 from core.errors import UserError
 from core.atomic import atomic_write, check_writable
 from core.names import printable
@@ -31,24 +31,6 @@ SUMMARY_NAME = "selection_summary.csv"
 SUMMARY_COLUMNS = ["Slide", "Tiles", "Clusters", "Selected", "QC_Excluded", "Seconds", "Status", "Reason"]
 RECORD_VERSION = 1
 THUMBNAIL_SIDE = 1600  # pixels of the thumbnail's longer side in the picture
-
-
-def task_share():
-    """(index, count) of this process among all that share the slides: torchrun's RANK/WORLD_SIZE within each
-    task of a SLURM job array (the same rule as Extract_Features.py's slide mode), or (0, 1)."""
-    env = os.environ
-    try:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
-        task = (int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // max(step, 1)
-        tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    except ValueError as err:
-        raise UserError(f"cannot read this process's place from the environment ({err}): check RANK, "
-                        "WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT") from None
-    if not (0 <= rank < world and 0 <= task < tasks):
-        raise UserError(f"RANK={rank} of WORLD_SIZE={world}, SLURM array task {task} of {tasks}: out of range; "
-                        "check RANK, WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT")
-    return task * world + rank, tasks * world
 
 
 def fingerprint(path, known=None):
@@ -228,7 +210,7 @@ def select_tiles(cfg):
         raise UserError(f"select_qc = {settings.qc} needs QC values, which only the slide mode's .h5 files hold "
                         f"({cfg.features_output!r} has none): set select_qc = 0")
     check_writable(cfg.selection_folder)
-    index, count = task_share()
+    index, count = shares.process_share()
     mine = items[index::count]
     share = f" (task {index + 1} of {count})" if count > 1 else ""
     print(f"Selecting tiles of {len(mine)} of {len(items)} slides{share} from "

@@ -33,7 +33,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from core import inference, runtime
+from core import feature_files, inference, runtime, shares
 from core.errors import UserError
 from core.inference import run_model
 from core.metrics import per_image
@@ -57,23 +57,6 @@ OUTLINE_RGB, TILE_RGB = (0, 170, 0), (30, 60, 230)
 # ---------------------------------------------------------------------------------------------------
 # Which slides this process does, and where their files go
 # ---------------------------------------------------------------------------------------------------
-def process_share(environ=None):
-    """(index, count): this process's place among all processes of the run. torchrun's RANK/WORLD_SIZE
-    and a SLURM job array's task combine: the array's tasks each run WORLD_SIZE processes."""
-    env = os.environ if environ is None else environ
-    try:
-        rank, world = int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1))
-        offset = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-        task, tasks = offset // max(1, int(env.get("SLURM_ARRAY_TASK_STEP", 1))), int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    except ValueError as err:
-        raise UserError(f"cannot read this process's place from the environment ({err}): check RANK, "
-                        "WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_COUNT") from None
-    if not (0 <= rank < world and 0 <= task < tasks):
-        raise UserError(f"RANK={rank} of WORLD_SIZE={world}, SLURM array task {task} of {tasks}: out of range; "
-                        "check RANK, WORLD_SIZE and SLURM_ARRAY_TASK_ID/_MIN/_STEP/_COUNT")
-    return task * world + rank, tasks * world
-
-
 def slide_list(cfg):
     """The sorted slides of folder_path_slides, less anything inside features_folder (its thumbnails)."""
     outputs = os.path.realpath(cfg.features_folder) + os.sep
@@ -275,17 +258,6 @@ def write_h5(tmp, features, coords, qc, attributes):
         handle.attrs["complete"] = True  # last: a reader that sees it sees every dataset above
 
 
-def write_csv(tmp, features, names):
-    from Extract_Features import FEATURE_COLUMNS, FLOAT_FORMAT
-    row_format = ",".join([FLOAT_FORMAT] * len(FEATURE_COLUMNS))
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(FEATURE_COLUMNS + ["File_Path"])
-        for row, name in zip(features, names):
-            handle.write(row_format % tuple(row.tolist()) + ",")
-            writer.writerow([name])
-
-
 def tiles_picture(slide, grid):
     """The slide's thumbnail with the tissue mask's outline and every kept tile's square drawn on it, at the
     mask's resolution when that is small enough (the thumbnail tissue_mask read is then reused)."""
@@ -315,7 +287,7 @@ def write_slide_files(out, slide, grid, described, cfg, model):
     writes = {out.png: lambda tmp: write_bytes(tmp, picture)}
     if cfg.features_csv:
         names = [tile_name(out.stem, x, y) for x, y in grid.coords.tolist()]
-        writes[out.csv] = lambda tmp: write_csv(tmp, features, names)
+        writes[out.csv] = lambda tmp: feature_files.write_csv(tmp, features, names)
     qc = (mse, ssim) if cfg.tile_qc else None
     if qc and mse is None:
         qc = (np.zeros(0, np.float32), np.zeros(0, np.float32))
@@ -328,7 +300,7 @@ def csv_from_h5(out):
     with h5py.File(out.h5, "r") as handle:
         features, coords = handle["features"][()], handle["coords"][()]
     names = [tile_name(out.stem, x, y) for x, y in coords.tolist()]
-    atomic_write(out.csv, lambda tmp: write_csv(tmp, features, names))
+    atomic_write(out.csv, lambda tmp: feature_files.write_csv(tmp, features, names))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,7 +411,7 @@ def extract_slide_features(cfg):
     share. UserError (exit 2) after the last slide when any slide was skipped or failed."""
     check_slide_settings(cfg)
     slides = slide_list(cfg)
-    index, count = process_share()
+    index, count = shares.process_share()
     mine = slides[index::count]
     names = output_names(slides, cfg)
     check_writable(cfg.features_folder)

@@ -19,7 +19,7 @@ import tifffile
 
 import Extract_Features
 import slides as test_slides
-from core import slide_features
+from core import shares, slide_features
 from core.cli import load_config
 from conftest import REPO, script_env, tile_array
 
@@ -264,13 +264,13 @@ def test_slurm_array_tasks_split_the_slides(workspace, monkeypatch):
 
 def test_process_share_combines_torchrun_and_slurm():
     env = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert slide_features.process_share(env) == (7, 8)
-    assert slide_features.process_share({}) == (0, 1)
+    assert shares.process_share(env) == (7, 8)
+    assert shares.process_share({}) == (0, 1)
     stepped = {"SLURM_ARRAY_TASK_ID": "6", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_STEP": "2",
                "SLURM_ARRAY_TASK_COUNT": "3"}  # --array=2-6:2
-    assert slide_features.process_share(stepped) == (2, 3)
+    assert shares.process_share(stepped) == (2, 3)
     with pytest.raises(slide_features.UserError):
-        slide_features.process_share({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"})
+        shares.process_share({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2"})
 
 
 def test_output_names_never_collide(tmp_path):
