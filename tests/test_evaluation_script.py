@@ -358,7 +358,7 @@ def test_comparison_pngs_from_processes_are_those_from_threads(workdir, model_pa
     for name in names:
         assert (workdir / "threads" / name).read_bytes() == (workdir / "processes" / name).read_bytes()
 
-    def full_disk(path, rgb):
+    def full_disk(path, rgb, mark=False):
         raise UserError(f"cannot write {path!r}: the disk is full")
     monkeypatch.setattr(report, "write_png", full_disk)  # the forked processes inherit it
     with pytest.raises(UserError, match="the disk is full"):

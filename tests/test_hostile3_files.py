@@ -92,7 +92,7 @@ def test_an_unreadable_subfolder_is_counted_in_the_training_summary(tmp_path, ma
         "training", "mse"), "mse")
     out = capsys.readouterr().out
     assert "Training on 4 tiles" in out and "1 unreadable file(s) skipped" in out
-    assert [line for line in out.splitlines() if line.startswith("warning:")] == [
+    assert [line for line in out.splitlines() if line.startswith("warning: skipped")] == [
         f"warning: skipped {folder / 'locked'}: folder not readable (permission denied): the files in it were "
         "not searched; fix its permissions"]
 

@@ -8,7 +8,7 @@ import torch
 import Config
 from core import losses
 from core import training_engine
-from core.cli import RULES, TEXT, load_config, script_keys
+from core.cli import PATH, RULES, load_config, script_keys
 from conftest import REPO
 
 
@@ -16,7 +16,7 @@ from conftest import REPO
 def test_each_loss_owns_its_config_keys_and_scripts(loss):
     for key in loss.keys():
         assert hasattr(Config, key), f"Config.py lacks {key}"
-        assert RULES[key] == TEXT
+        assert RULES[key] == PATH
     assert set(loss.keys("training")) <= script_keys("training", loss.name)
     assert set(loss.keys("evaluation")) <= script_keys("evaluation", loss.name)
     others = [key for other in losses.RECORDS if other is not loss for key in other.keys()]

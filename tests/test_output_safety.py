@@ -209,15 +209,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def test_tiles_are_never_left_half_written(tmp_path):
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 200, (64, 128, 3), dtype=np.uint8)).save(tmp_path / "slide.png")
+    stain = np.array([190, 90, 170]) + rng.integers(-30, 30, (64, 128, 3))  # H&E-like pink: tissue to the mask
+    Image.fromarray(stain.astype(np.uint8)).save(tmp_path / "slide.png")
     result = subprocess.run([sys.executable, "-c", WITH_FILE_SIZE_LIMIT, "4096", str(REPO / "Prepare_Tiles.py"),
                              "--slide_path=slide.png", "--tiles_output_folder=tiles", "--tile_size=64",
-                             "--tile_stride=64", "--exclude_tiles_in="], cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL,
+                             "--tile_stride=64", "--exclude_tiles_in=", "--slide_mpp=0.5"], cwd=tmp_path, env=script_env(), stdin=subprocess.DEVNULL,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
     line = result.stderr.splitlines()[-1]  # after the progress bar
     assert line.startswith("error: cannot write ") and "slide_x000000_y000000.png" in line, result.stderr
-    assert os.listdir(tmp_path / "tiles") == []  # no truncated tile, no temporary file
+    # No truncated tile, no temporary file: only the record of the cutting (Prepare_Tiles.py writes it first).
+    assert os.listdir(tmp_path / "tiles") == [".slide_tiles.json"]
 
 
 def test_workbook_sheets_read_cleanly_with_pandas(tmp_path):
