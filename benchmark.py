@@ -51,7 +51,7 @@ PLANS = {
     # GPU, evaluation runs over 4,096 tiles and the training script at the batches and crops users train with,
     # over 4,096 tiles and enough epochs (several seconds of training) for start-up and epoch ends to count
     # as they do in a real run.
-    "full": dict(tile=256, batch=16, slide_stride=256, copies={"cpu": 2, "cuda": 256}, count=None, rounds=2, min_run_time=2.0,
+    "full": dict(tile=256, batch=16, slide_stride=128, copies={"cpu": 2, "cuda": 256}, count=None, rounds=2, min_run_time=2.0,
                  scripts={"cpu": [run(800, 64, 32, 32, 5)],
                           "cuda": [run(4096, 256, 128, 256, 10), run(4096, 256, 0, 64, 5)]}),
     "quick": dict(tile=64, batch=4, slide_stride=512, copies={"cpu": 1, "cuda": 1}, count=4, rounds=1, min_run_time=0.0,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from core.errors import UserError
 from core.names import printable
@@ -374,7 +375,6 @@ def tissue_pixels(rgb, background_gray=BACKGROUND_GRAY):
 def _small_parts(mask, min_pixels, touching_edge=True):
     """bool like mask: its connected parts smaller than min_pixels (touching_edge False: and not touching the
     image's edge, which makes glass around the tissue no hole in it)."""
-    from scipy import ndimage
     labels, count = ndimage.label(mask)
     small = np.bincount(labels.ravel(), minlength=count + 1) < min_pixels
     small[0] = False
