@@ -52,16 +52,22 @@ def check_not_read_only(path):
                         "make it writable (chmod u+w) or choose another file name")
 
 
-def _new_file(folder, name):
+def _new_file(folder, name, record=None):
     """Create an empty, new file in folder, named after name; returns its path. The kernel applies the
-    umask (mode 0666 asked), so outputs get the same permissions as any file the user creates."""
+    umask (mode 0666 asked), so outputs get the same permissions as any file the user creates. record(path),
+    when given, is called before the file is created (and record(None) if that name was taken): an interrupt
+    arriving while the file is being created still finds its name, to delete it."""
     stem = os.fsdecode(os.fsencode(name)[:180])  # room for the suffix within the 255-byte name limit
     while True:
         path = os.path.join(folder, f".{stem}.{secrets.token_hex(4)}.tmp")
+        if record:
+            record(path)
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
             return path
         except FileExistsError:
+            if record:
+                record(None)
             continue
 
 
@@ -93,7 +99,7 @@ def replace_together(writes, remove=(), durable=True):
         for current, write in writes.items():
             folder = os.path.dirname(os.path.abspath(current))
             os.makedirs(folder, exist_ok=True)
-            temps[current] = _new_file(folder, os.path.basename(current))
+            _new_file(folder, os.path.basename(current), record=lambda path: temps.__setitem__(current, path))
             write(temps[current])
             if durable:
                 _fsync(temps[current])
@@ -108,7 +114,7 @@ def replace_together(writes, remove=(), durable=True):
         raise _write_error(current, err) from None
     finally:
         for temp in temps.values():
-            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
+            with contextlib.suppress(OSError, TypeError):  # the error that brought us here is the one to report
                 os.remove(temp)
 
 

@@ -45,9 +45,11 @@ def workbook_rows(path):
 
 
 def start(command, cwd, preexec=None, **streams):
-    """The command in its own process group, as a shell starts it; SIGINT at its default, as in a terminal."""
+    """The command in its own process group, as a shell starts it; SIGINT and SIGHUP at their defaults, as in a
+    terminal (the suite itself may run under nohup, which ignores SIGHUP)."""
     def child():
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
         if preexec:
             preexec()
     streams = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, **streams}

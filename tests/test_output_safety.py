@@ -250,3 +250,29 @@ def test_disk_full_while_saving_a_checkpoint_keeps_the_previous_one(tmp_path, mo
     with pytest.raises(UserError, match="Model_AE_epoch_005.pth.*the disk is full"):
         checkpoint_io.save({"epoch": 10, "weights": torch.zeros(1000)}, str(path))
     assert path.read_bytes() == before and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("when", ["creating", "writing"])
+def test_an_interrupt_while_a_file_is_written_leaves_no_temporary_file(tmp_path, monkeypatch, when):
+    """Ctrl-C or a scheduler's SIGTERM (a KeyboardInterrupt) arriving just after the temporary file was
+    created, before its name was returned, or while its content is written: the old file stays, nothing else."""
+    target = tmp_path / "summary.csv"
+    target.write_text("old\n")
+    real_open, real_close = os.open, os.close
+
+    def open_then_interrupt(path, *args, **kwargs):
+        real_close(real_open(path, *args, **kwargs))
+        raise KeyboardInterrupt
+
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            handle.write("new\n")
+        raise KeyboardInterrupt
+
+    if when == "creating":
+        monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.atomic_write(str(target), write)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
+    assert target.read_text() == "old\n"
