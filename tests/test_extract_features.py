@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import Extract_Features
+from core import feature_plot
 from core import inference
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
@@ -161,15 +162,15 @@ def test_subfolder_labels_and_pca():
     folder = os.path.join("root", "tiles")
     paths = [os.path.join(folder, "s1", "deep", "t.png"), os.path.join(folder, "s2", "t.png"),
              os.path.join(folder, "t.png")]
-    assert Extract_Features.subfolder_labels(paths, folder) == ["s1", "s2", Extract_Features.TOP_FOLDER_LABEL]
+    assert feature_plot.subfolder_labels(paths, folder) == ["s1", "s2", feature_plot.TOP_FOLDER_LABEL]
 
     rng = np.random.default_rng(0)
     data = rng.normal(size=(50, 512)).astype(np.float32) * 0.01
     data[:, 7] += np.linspace(-5, 5, 50, dtype=np.float32)
-    scores, explained = Extract_Features.pca_2d(data)
+    scores, explained = feature_plot.pca_2d(data)
     assert scores.shape == (50, 2) and explained[0] > 0.9 and explained.sum() <= 1 + 1e-9
     centred = data.astype(np.float64) - data.mean(axis=0, dtype=np.float64)
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(np.abs(scores), np.abs(u[:, :2] * s[:2]), rtol=1e-6, atol=1e-9)
-    single, single_explained = Extract_Features.pca_2d(data[:1])
+    single, single_explained = feature_plot.pca_2d(data[:1])
     assert single.shape == (1, 2) and not single_explained.any()

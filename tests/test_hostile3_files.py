@@ -16,6 +16,7 @@ from PIL import Image, ImageFile
 import Dataset
 import Extract_Features
 from core import evaluation_engine
+from core import feature_plot
 from core import loss_log
 from core import png
 from core.cli import load_config
@@ -171,7 +172,7 @@ def test_folder_names_are_shown_as_written_in_the_pca_plot(tmp_path):
     names = ["$a^$", "_hidden", "\\nocommand", "$x_{$"]
     labels = [name for name in names for _ in range(3)]
     features = np.random.default_rng(0).normal(size=(len(labels), 512)).astype(np.float32)
-    figure = Extract_Features.pca_figure(features, labels, "$\\frac{1}$ folder")
+    figure = feature_plot.pca_figure(features, labels, "$\\frac{1}$ folder")
     figure.savefig(io.BytesIO(), format="png")  # mathtext would raise on every one of these names
     legend = figure.axes[0].get_legend()
     assert [text.get_text() for text in legend.get_texts()] == [f"{name} (3)" for name in names]
