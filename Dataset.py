@@ -21,7 +21,7 @@ from PIL import ExifTags, Image, ImageFile
 from core.errors import UserError, exhausted
 from core.names import printable, special_kind
 from core.png import is_marked_png
-from core.runtime import STOP_SIGNALS
+from core.signals import STOP_SIGNALS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tiff", ".tif", ".webp")
 # The Pillow decoders of those extensions, and no others: a file of another type under an image name
@@ -325,14 +325,14 @@ _exit_hook = []
 
 def _stop_running_loaders():
     """At exit, end the loader processes of iterators still alive (an error's traceback keeps them): Python
-    would send them SIGTERM, which they ignore (runtime.ignore_interrupts), and wait for them forever."""
+    would send them SIGTERM, which they ignore (signals.ignore_interrupts), and wait for them forever."""
     for iterator in list(_running):
         iterator._shutdown_workers()
 
 
 def start_batches(loader):
-    """iter(loader), with its worker processes started while the stop signals (runtime.STOP_SIGNALS) wait: a
-    worker that got one before its worker_init_fn (runtime.ignore_interrupts) ran would die with a traceback.
+    """iter(loader), with its worker processes started while the stop signals (signals.STOP_SIGNALS) wait: a
+    worker that got one before its worker_init_fn (signals.ignore_interrupts) ran would die with a traceback.
     A signal that came meanwhile is delivered to this process as soon as the workers run."""
     if not loader.num_workers or threading.current_thread() is not threading.main_thread():
         return iter(loader)

@@ -2,7 +2,7 @@
 
     python Evaluation_MSE.py --folder_path_test=my_tiles --model_path_mse=checkpoints/MSE/Final_Model_AE_MSE.pth
 """
-from core.evaluation_engine import main
+from core.cli import evaluation_main
 
 if __name__ == "__main__":
-    main("mse")
+    evaluation_main("mse")

@@ -2,7 +2,7 @@
 
     python Evaluation_SSIM.py --folder_path_test=my_tiles --model_path_ssim=checkpoints/SSIM/Final_Model_AE_SSIM.pth
 """
-from core.evaluation_engine import main
+from core.cli import evaluation_main
 
 if __name__ == "__main__":
-    main("ssim")
+    evaluation_main("ssim")

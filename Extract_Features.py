@@ -36,7 +36,7 @@ from core.inference import run_model
 from core.atomic import check_target, check_writable, replace_together
 from core.names import printable
 from core.png import PNG_MARK
-from core.runtime import precision_name
+from core.devices import precision_name
 
 from core.feature_files import FEATURE_COLUMNS, FEATURE_DIM, FLOAT_FORMAT  # noqa: F401 (the layout, for readers)
 

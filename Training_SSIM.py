@@ -2,7 +2,7 @@
 
     python Training_SSIM.py --num_epochs=3 --folder_path_train=my_tiles
 """
-from core.training_engine import main
+from core.cli import training_main
 
 if __name__ == "__main__":
-    main("ssim")
+    training_main("ssim")

@@ -27,7 +27,7 @@ from benchmarks.measure import side_by_side
 from core.errors import UserError
 from core.cli import run_main
 from core.malloc_tuning import keep_freed_memory
-from core.runtime import autocast_dtype, precision_name
+from core.devices import autocast_dtype, precision_name
 
 HEADER = ["section", "ours (img/s)", "compared with", "its img/s", "ratio"]
 AROUND_HEADER = ["network replaced by a no-op", "device", "num_workers", "tiles/s", "ms per tile"]

@@ -16,7 +16,7 @@ from Dataset import load_image
 from benchmarks import reference
 from benchmarks.measure import quietly
 from core.cli import load_config
-from core.runtime import autocast, training_layout
+from core.devices import autocast, training_layout
 from core.losses import LOSSES
 
 

@@ -12,7 +12,7 @@ from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits
 from Dataset import find_images
 from benchmarks import ours, reference, tables
 from core.errors import UserError
-from core.runtime import autocast_dtype, precision_name
+from core.devices import autocast_dtype, precision_name
 
 TILE = 256
 BATCH = 16  # the reference's batch; ours takes the same images in the same order in batches of args.batch

@@ -1,7 +1,6 @@
 """Command-line plumbing shared by the scripts: the Config.py settings each script reads, their
 --key=value overrides and checks, --help, and the exit codes of run_main."""
 import atexit
-import contextlib
 import math
 import os
 import signal
@@ -15,9 +14,10 @@ from dataclasses import dataclass
 
 from core import losses
 from core import malloc_tuning
+from core import signals
 from core import streams
 from core.errors import RankError, UserError, exhausted
-from core.runtime import PRECISIONS
+from core.devices import PRECISIONS
 
 
 # The Config keys each script reads, besides the keys of its loss (losses.KEY_STEMS). A key given on the command
@@ -265,34 +265,6 @@ def load_config(argv=None, script=None, loss=None):
     return types.SimpleNamespace(**settings)
 
 
-@contextlib.contextmanager
-def _stop_signals_interrupt():
-    """The stop signals (runtime.STOP_SIGNALS: Ctrl-C, SIGTERM, SIGHUP) raise KeyboardInterrupt with their
-    signum; later ones are ignored until the process ends (training installs its own handler inside). Signals a
-    process was started with blocked stay blocked (runtime.spawn's processes, until training unblocks them)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    from core.training_state import Interrupts  # imports torch: not needed to read the settings
-    interrupts = Interrupts(immediate=True)
-    try:
-        with interrupts.installed(unblock=False):
-            yield
-    finally:
-        # From the first signal on they stay ignored: loader processes are shut down (which takes seconds) only
-        # once the interrupt's traceback is freed, after this.
-        if interrupts.signum is not None:
-            _ignore_stop_signals()
-
-
-def _ignore_stop_signals():
-    """Once a run is interrupted, further presses of Ctrl-C while the process ends (loader processes shutting
-    down, multiprocessing's exit hook) are not a KeyboardInterrupt traceback."""
-    from core.runtime import STOP_SIGNALS
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
 def exhausted_line(kind, reason, cfg=None):
     """The one line for a run that found the machine out of kind (errors.exhausted): what to lower or raise."""
     if kind == "shared memory":
@@ -327,7 +299,7 @@ def run_main(main, script=None, loss=None, argv=None):
         sys.stdout.reconfigure(errors="backslashreplace")
     cfg = None
     try:
-        with _stop_signals_interrupt():
+        with signals.stop_signals_interrupt():
             if script is None:
                 main()
             else:
@@ -344,7 +316,7 @@ def run_main(main, script=None, loss=None, argv=None):
         sys.exit(2)
     except KeyboardInterrupt as err:
         if threading.current_thread() is threading.main_thread():
-            atexit.register(_ignore_stop_signals)  # runs before the exit hooks registered earlier
+            atexit.register(signals.ignore_stop_signals)  # runs before the exit hooks registered earlier
         if not getattr(err, "reported", False):  # training has already said where it saved the run
             print("interrupted", file=sys.stderr)
         sys.exit(128 + int(getattr(err, "signum", signal.SIGINT)))
@@ -359,3 +331,52 @@ def run_main(main, script=None, loss=None, argv=None):
             raise
         print(f"error: {exhausted_line(*found, cfg)}", file=sys.stderr)
         sys.exit(2)
+
+
+# ---- The scripts' entry points: cli imports the engines, never the reverse ----------------------------------
+# The engines are imported inside these functions: the other scripts, which import cli too, need neither.
+
+def training_main(loss_name):
+    """Training_<NAME>.py: train with loss_name (a name in losses.RECORDS) as Config.py and the command line
+    say, in this process or in one process per listed GPU (launch_training)."""
+    streams.keep_going_without_stdout()
+    run_main(lambda cfg: launch_training(loss_name, sys.argv[1:]), "training", loss_name)
+
+
+def launch_training(loss_name, argv, processes=None):
+    """Train in this process, or start one process per listed GPU (runtime.spawn). processes overrides the
+    count (tests use 2 CPU processes)."""
+    cfg = load_config(argv, "training", loss_name)
+    import torch
+    from core import devices, runtime, training_engine
+    if "WORLD_SIZE" in os.environ:  # started by torchrun
+        return training_engine.train(cfg, loss_name)
+    if processes is None:
+        processes = len(devices.gpu_ids(cfg.GPUs)) if torch.cuda.is_available() else 1
+    if processes <= 1:
+        return training_engine.train(cfg, loss_name)
+    streams.say(f"Starting {processes} training processes (DistributedDataParallel).")
+    if any(runtime.spawn(processes, _training_worker, (loss_name, argv))):
+        raise UserError("a training process failed (its message is above); fix it and run the same command "
+                        "again to resume")
+
+
+def _training_worker(loss_name, argv):
+    """Entry point of one process started by runtime.spawn: as training_main, but an interrupt only sets the
+    exit code (the launching process reports it)."""
+    from core import training_engine
+    streams.keep_going_without_stdout()
+
+    def quietly_interrupted(cfg):
+        try:
+            training_engine.train(cfg, loss_name)
+        except KeyboardInterrupt as interrupt:
+            sys.exit(128 + getattr(interrupt, "signum", 2))
+    run_main(quietly_interrupted, "training", loss_name, argv)
+
+
+def evaluation_main(loss_name):
+    """Evaluation_<NAME>.py: evaluate the model of loss_name (a name in losses.RECORDS) as Config.py and the
+    command line say."""
+    from core import evaluation_engine
+    run_main(lambda cfg: evaluation_engine.evaluate(cfg, loss_name), "evaluation", loss_name)

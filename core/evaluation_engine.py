@@ -1,4 +1,4 @@
-"""The evaluation loop shared by Evaluation_MSE.py and Evaluation_SSIM.py.
+"""The evaluation loop shared by Evaluation_MSE.py and Evaluation_SSIM.py (through cli.evaluation_main).
 
 For every tile under folder_path_test: reconstruct it, compute MSE, PSNR and SSIM, save a side-by-side
 PNG, and at the end write one workbook. Metrics are those of the network's [0, 1] output, before it is
@@ -20,15 +20,15 @@ from tqdm import tqdm
 
 from core import inference
 from core import losses, run_lock
-from core import runtime
 from Dataset import SkipLog, start_batches
 from core.errors import UserError
-from core.cli import run_main
 from core.inference import reconstruct
 from core.atomic import check_target, check_writable
 from core.names import printable
 from core.report import METRIC_NAMES, comparison_names, save_comparisons, summarise, write_workbook
-from core.runtime import cpu_count, precision_name
+from core.devices import cpu_count, precision_name
+from core.loaders import loader_start_method
+from core.signals import ignore_interrupts, interrupts_blocked
 
 
 def check_outputs(cfg, loss_name):
@@ -119,15 +119,15 @@ def comparison_writers(device, loader_workers):
         size = max(2, min(8, cpu_count()))
         return ThreadPoolExecutor(max_workers=size), size, 1
     size = max(1, cpu_count() - loader_workers - 1)
-    return ProcessPoolExecutor(max_workers=size, initializer=runtime.ignore_interrupts,
-                               mp_context=multiprocessing.get_context(runtime.loader_start_method())), size, 2
+    return ProcessPoolExecutor(max_workers=size, initializer=ignore_interrupts,
+                               mp_context=multiprocessing.get_context(loader_start_method())), size, 2
 
 
 def submit_comparisons(pool, parts, images, recon_u8, rows, labels, out_paths):
     """The batch's comparison PNGs, split into parts pool tasks; returns their futures. Interrupts wait while
     a process pool starts its processes (on the first batch), as for loader workers."""
     originals, recons = images.numpy(), recon_u8.numpy()
-    with runtime.interrupts_blocked():
+    with interrupts_blocked():
         return [pool.submit(save_comparisons, originals[part], recons[part], [rows[i] for i in part],
                             [labels[i] for i in part], [out_paths[i] for i in part])
                 for part in map(list, np.array_split(np.arange(len(rows)), min(parts, len(rows))))]
@@ -194,7 +194,3 @@ def evaluate_into(cfg, loss_name, out_dir, workbook_path):
         print(f"  {name:<4} mean {mean:.5f}  std {math.nan if std is None else std:.5f}")
     print(f"Comparison PNGs in {printable(out_dir)}; metrics workbook {printable(workbook_path)}.")
     return rows
-
-
-def main(loss_name):
-    run_main(lambda cfg: evaluate(cfg, loss_name), "evaluation", loss_name)

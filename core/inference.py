@@ -8,8 +8,8 @@ from core import checkpoint_io
 from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits, for_inference
 from Dataset import ImageFolder
 from core.errors import UserError
-from core.loaders import loader
-from core.runtime import autocast, autocast_dtype, precision_mode, select_device, worker_count
+from core.devices import autocast, autocast_dtype, precision_mode, select_device
+from core.loaders import loader, worker_count
 from core.metrics import per_image
 
 

@@ -33,16 +33,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from core import feature_files, inference, runtime, shares
+from core import feature_files, inference, shares
 from core.errors import UserError
 from core.inference import run_model
 from core.metrics import per_image
 from core.atomic import atomic_write, check_writable, replace_together, write_bytes
 from core.names import printable
 from core.png import png_bytes
-from core.runtime import autocast, precision_name, select_device, worker_count
+from core.devices import autocast, autocast_dtype, precision_name, select_device
+from core.loaders import loader, worker_count
 from core.slides import SlideError, find_slides, open_slide, tile_grid, tile_name, tissue_mask
-from core.training_state import Interrupts
+from core.signals import Interrupts
 from Dataset import start_batches
 
 SUMMARY_NAME = "slides_summary.csv"
@@ -151,11 +152,9 @@ class TileBlocks(torch.utils.data.Dataset):
 
 def tile_batches(dataset, batch_size, workers, device):
     """The slide's tiles in grid order, batch_size at a time (the last batch shorter), as uint8 tensors."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=min(workers, len(dataset)),
-                                         pin_memory=device.type == "cuda",
-                                         worker_init_fn=runtime.ignore_interrupts if workers else None)
+    blocks = loader(dataset, None, min(workers, len(dataset)), device, collate_fn=None)
     pending, held = [], 0
-    for start, tiles in start_batches(loader):
+    for start, tiles in start_batches(blocks):
         if isinstance(tiles, str):
             raise SlideError(f"{dataset.path}: tile at {tuple(int(v) for v in dataset.coords[start])} "
                              f"cannot be read ({tiles})")
@@ -394,7 +393,7 @@ class Summary:
 
 def load_encoder(cfg):
     device = select_device(cfg.GPUs)
-    return types.SimpleNamespace(device=device, amp_dtype=runtime.autocast_dtype(device, cfg.mixed_precision),
+    return types.SimpleNamespace(device=device, amp_dtype=autocast_dtype(device, cfg.mixed_precision),
                                  net=inference.load_model(cfg.model_path_ssim, device),
                                  sha256=file_sha256(cfg.model_path_ssim), workers=worker_count(cfg.num_workers))
 

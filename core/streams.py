@@ -78,6 +78,18 @@ def guard(keep_going_without_stdout=False):
         sys.stderr = _Guarded(sys.stderr, broken_pipe_ends_run=False)
 
 
+def say(*parts):
+    """print() to stdout, flushed (a failing stdout is handled by guard)."""
+    print(*parts, flush=True)
+
+
+def keep_going_without_stdout():
+    """Training must not stop (without its checkpoint) because of its own output: stdout's reader gone
+    (`python Training_MSE.py | head -1`), stdout or stderr closed or on a full disk. From then on that
+    output goes nowhere."""
+    guard(keep_going_without_stdout=True)
+
+
 def discard():
     """Point the stdout file descriptor at /dev/null: later writes and the flush at exit succeed."""
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -1,14 +1,13 @@
 """The training tiles as training reads them: the validation split, each process's per-epoch share, and
 the loaders, which read the files in the first epoch (keeping each tile when cache_tiles caches them) and
 gather later epochs' batches from the cache (tile_cache)."""
+import dataclasses
 import os
 
 import torch
 
-from core import runtime
 from core import tile_cache
-from core.loaders import loader
-from core.runtime import worker_count
+from core.loaders import loader, stop_loader_workers, worker_count
 
 
 def split_indices(count, val_fraction, seed):
@@ -39,39 +38,54 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return max(0, self.num_samples - self.skip)
 
 
-def build_loaders(run, dataset, train_idx, val_idx):
+@dataclasses.dataclass
+class TrainingData:
+    """This process's training tiles as an epoch reads them: its epoch sampler, the training and validation
+    loaders (DataLoaders reading the files, or tile_cache.CachedBatches once the cache is complete; no
+    validation loader without validation tiles), and the cache the first epoch fills (None without
+    cache_tiles, and once complete)."""
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader | tile_cache.CachedBatches
+    val_loader: torch.utils.data.DataLoader | tile_cache.CachedBatches | None
+    cache: tile_cache.TileCache | None
+    train_idx: list[int]
+    val_idx: list[int]  # this process's share of the validation tiles
+    batch_size: int  # tiles per batch in this process
+
+    def kept(self, batches):
+        """batches, their tiles kept in the cache while it is being filled."""
+        return batches if self.cache is None else self.cache.record(batches)
+
+
+def build_loaders(cfg, ddp, dataset, train_idx, val_idx, batch_size, device, say, fill_cache=True):
     """This process's epoch sampler and the loaders reading the files (Dataset.ImageFolder in loader
-    processes); with cache_tiles, the cache the first epoch fills (read_from_cache)."""
-    cfg, ddp = run.cfg, run.ddp
-    run.cache, run.train_idx, run.val_idx = None, train_idx, val_idx[ddp.rank::ddp.world]
-    if run.start_epoch <= cfg.num_epochs:  # each process on this node holds its own copy
+    processes); with cache_tiles (and fill_cache: epochs are left to train), the cache the first epoch fills
+    (read_from_cache)."""
+    cache, val_idx = None, val_idx[ddp.rank::ddp.world]
+    if fill_cache:  # each process on this node holds its own copy
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ddp.world))
-        run.cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=local_world, say=run.say)
-    run.sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world,
-                               run.batch_size)
+        cache = tile_cache.start_cache(dataset, cfg.cache_tiles, world=local_world, say=say)
+    sampler = EpochSampler(torch.utils.data.Subset(dataset, train_idx), cfg.seed, ddp.rank, ddp.world, batch_size)
     workers = worker_count(cfg.num_workers)
-    run.loader = loader(torch.utils.data.Subset(dataset, train_idx), run.batch_size, workers, run.device,
-                        persistent=True, sampler=run.sampler, drop_last=run.sampler.num_samples > run.batch_size)
-    run.val_loader = None
-    if run.val_idx:
-        run.val_loader = loader(torch.utils.data.Subset(dataset, run.val_idx), run.batch_size, workers, run.device,
-                                persistent=True)
+    train_loader = loader(torch.utils.data.Subset(dataset, train_idx), batch_size, workers, device,
+                          persistent=True, sampler=sampler, drop_last=sampler.num_samples > batch_size)
+    val_loader = None
+    if val_idx:
+        val_loader = loader(torch.utils.data.Subset(dataset, val_idx), batch_size, workers, device, persistent=True)
+    return TrainingData(sampler=sampler, loader=train_loader, val_loader=val_loader, cache=cache,
+                        train_idx=train_idx, val_idx=val_idx, batch_size=batch_size)
 
 
-def read_from_cache(run):
+def read_from_cache(data, num_workers, device, say, progress):
     """Once this process has trained an epoch on files, keeping each tile: its loader workers stop, the tiles
     that epoch did not read are decoded, and from now on batches are gathered from the cache (on the GPU when
-    they fit there)."""
-    runtime.stop_loader_workers(run.loader, run.val_loader)
-    cached = run.cache.dataset(worker_count(run.cfg.num_workers), progress=run.ddp.main)
-    run.cache = None
-    cached = tile_cache.place(cached, run.device, run.say)
-    pin = run.device.type == "cuda"
-    run.loader = tile_cache.CachedBatches(cached, run.train_idx, run.batch_size, run.sampler,
-                                          drop_last=run.sampler.num_samples > run.batch_size, pin=pin)
-    run.val_loader = tile_cache.CachedBatches(cached, run.val_idx, run.batch_size, pin=pin) if run.val_idx else None
-
-
-def kept(run, batches):
-    """batches, their tiles kept in the cache while it is being filled."""
-    return batches if run.cache is None else run.cache.record(batches)
+    they fit there). Returns data with the cache's loaders, and no cache left to fill."""
+    stop_loader_workers(data.loader, data.val_loader)
+    cached = data.cache.dataset(worker_count(num_workers), progress=progress)
+    cached = tile_cache.place(cached, device, say)
+    pin = device.type == "cuda"
+    train_loader = tile_cache.CachedBatches(cached, data.train_idx, data.batch_size, data.sampler,
+                                            drop_last=data.sampler.num_samples > data.batch_size, pin=pin)
+    val_loader = (tile_cache.CachedBatches(cached, data.val_idx, data.batch_size, pin=pin)
+                  if data.val_idx else None)
+    return dataclasses.replace(data, loader=train_loader, val_loader=val_loader, cache=None)

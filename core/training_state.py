@@ -1,4 +1,4 @@
-"""What lets a training run stop and carry on: checkpoints, the interrupt handler, the optimizer state.
+"""What lets a training run stop and carry on: checkpoints, where a run resumes, the optimizer state.
 
 Periodic checkpoints Model_AE_epoch_NNN.pth (the newest keep_checkpoints), Model_AE_interrupt.pth (an epoch
 stopped part-way), Best_ and Final_ models. Training checkpoints carry the experiment's settings (a resume
@@ -11,16 +11,14 @@ import math
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
-import types
+from dataclasses import dataclass, field
 
 import torch
 
 from core import checkpoint_io
 from core import loss_log
-from core import runtime
 from core.errors import UserError
 from core.atomic import is_read_only
 
@@ -81,66 +79,6 @@ def move_aside(paths, say):
         shutil.move(path, os.path.join(target, os.path.basename(path)))
     say(f"Starting over (resume=False): moved the previous run's {len(found)} file(s) to {target}; "
         "delete that folder once you no longer need it.")
-
-
-class Interrupts:
-    """Ctrl-C (SIGINT), a job scheduler's SIGTERM and SIGHUP (runtime.STOP_SIGNALS) stop training with an
-    interrupt checkpoint, and every other script with the line `interrupted` (cli.run_main). The first
-    signal counts; later ones are ignored, so nothing cuts the save short (kill -9 stops at once). Inside
-    deferred() (one optimisation step) the signal waits for the step to end: the checkpoint never holds half
-    a step. In one process (immediate) a signal elsewhere stops at once; with several, where all agree to
-    stop (before each step), so none is left waiting in a collective op the others have left."""
-
-    def __init__(self, immediate, notice=None):
-        self.immediate, self.notice = immediate, notice
-        self.signum, self.deferring = None, False
-
-    def interrupt(self):
-        """The KeyboardInterrupt to raise, with the signal that caused it (cli.run_main exits 128 + signum)."""
-        error = KeyboardInterrupt()
-        error.signum = self.signum or signal.SIGINT
-        return error
-
-    def stopping(self):
-        """Called while the interrupt checkpoint is written: from now on every signal is ignored."""
-        self.signum = self.signum or signal.SIGINT
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            return
-        self.signum = signum
-        if self.immediate and not self.deferring:
-            raise self.interrupt()
-        if self.notice:
-            with contextlib.suppress(OSError):  # os.write: print() may not be re-entered from a handler
-                os.write(2, f"\n{signal.Signals(signum).name}: {self.notice}\n".encode())
-
-    @contextlib.contextmanager
-    def installed(self, unblock=True):
-        """unblock=False leaves the stop signals blocked where they are (in a process runtime.spawn started,
-        until training installs its own handler)."""
-        signals = [s for s in runtime.STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
-        previous = {s: signal.signal(s, self._handle) for s in signals}
-        if not self.immediate:
-            for s in signals:  # a signal must not break off a blocking call inside a collective op
-                signal.siginterrupt(s, False)
-        mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, signals if unblock else [])
-        try:
-            yield self
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
-        if self.immediate and self.signum is not None:
-            raise self.interrupt()
 
 
 class Refused(UserError):
@@ -233,6 +171,43 @@ def _int_field(state, key, source, low=0):
     return value
 
 
+@dataclass
+class ResumeTarget:
+    """What a checkpoint is loaded into (the model, its optimizer and gradient scaler), and the launch an
+    interrupted epoch must be continued with (this process's rank, the processes, batch_size_train)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    rank: int
+    world: int
+    batch_size: int
+
+
+@dataclass
+class EpochPart:
+    """This process's part of an epoch an interrupt stopped, as the interrupt checkpoint holds it: its
+    augmentation generator's state, its loss sum and tile count so far, the steps every process had taken,
+    the seconds the epoch had run and the tiles the run had seen."""
+    aug_state: torch.Tensor
+    loss_sum: float
+    loss_count: int
+    step: int
+    seconds: float
+    images_seen: int
+
+
+@dataclass
+class Resumed:
+    """Where a run carries on: its first epoch, this process's part of an interrupted epoch (None: the epoch
+    starts at its first step), the loss log's rows so far, the best validation score and the tiles seen.
+    The defaults are a fresh run's."""
+    start_epoch: int = 1
+    partial: EpochPart | None = None
+    history: list[dict] = field(default_factory=list)
+    best_val: float = math.inf
+    images_seen: int = 0
+
+
 def _load(source, target, settings, folder_key):
     """The training checkpoint at source, its weights, optimizer and scaler state loaded into target."""
     state = checkpoint_io.load_weights(target.model, source)
@@ -275,9 +250,8 @@ def _history(state, log, up_to_epoch):
 
 
 def restore(paths, target, settings, folder_key, say):
-    """Load what this run continues from into target (model, optimizer, scaler; rank, world, batch_size):
-    the interrupt checkpoint if it is newer than the newest periodic one, else that periodic one.
-    Returns (start_epoch, this process's part of an interrupted epoch or None, history rows, best_val)."""
+    """Load what this run continues from into target (a ResumeTarget): the interrupt checkpoint if it is
+    newer than the newest periodic one, else that periodic one. Returns where the run carries on (Resumed)."""
     periodic = latest_checkpoint(paths.folder)
     state = source = None
     if os.path.isfile(paths.interrupt):
@@ -293,38 +267,41 @@ def restore(paths, target, settings, folder_key, say):
         if state is not None and periodic and periodic[0] >= state["epoch"]:
             state = None  # an older interruption that a later run already went past
     if state is not None:
-        part = _rank_part(state, source, target.rank, target.world, target.batch_size)
+        aug_state, loss_sum, loss_count = _rank_part(state, source, target.rank, target.world, target.batch_size)
         start, step = state["epoch"], state["step"]
         say(f"Resuming from {source} (epoch {start}, after step {step}); pass --resume=false to start over.")
-        part = types.SimpleNamespace(aug_state=part[0], loss_sum=float(part[1]), loss_count=int(part[2]), step=step,
-                                     seconds=float(state.get("seconds", 0.0)), images_seen=int(state["images_seen"]))
+        part = EpochPart(aug_state=aug_state, loss_sum=float(loss_sum), loss_count=int(loss_count), step=step,
+                         seconds=float(state.get("seconds", 0.0)), images_seen=int(state["images_seen"]))
         history = _history(state, paths.log, start - 1)
     elif periodic:
         state, source = _load(periodic[1], target, settings, folder_key), periodic[1]
         start, part, history = state["epoch"] + 1, None, _history(state, paths.log, state["epoch"])
         say(f"Resuming from {source} (epoch {state['epoch']}); pass --resume=false to start over.")
     else:
-        return 1, None, [], math.inf
+        return Resumed()
     best = state.get("best_val_loss", math.inf)
-    return start, part, history, float(best) if isinstance(best, (int, float)) and not math.isnan(best) else math.inf
+    best = float(best) if isinstance(best, (int, float)) and not math.isnan(best) else math.inf
+    return Resumed(start, part, history, best, _images_seen(part, history))
 
 
-def start_or_resume(run):
-    """Set run up to continue from the newest checkpoint (resume=True), or to start over with the previous
-    run moved aside (resume=False): start_epoch, partial (an interrupted epoch's part), history, best_val."""
-    cfg, ddp = run.cfg, run.ddp
-    if not cfg.resume:
-        if ddp.main:
-            move_aside(run.paths, run.say)
-        ddp.barrier()
-        run.start_epoch, run.partial, run.history, run.best_val = 1, None, [], math.inf
-    else:
-        target = types.SimpleNamespace(model=run.raw_model, optimizer=run.optimizer, scaler=run.scaler,
-                                       rank=ddp.rank, world=ddp.world, batch_size=cfg.batch_size_train)
-        run.start_epoch, run.partial, run.history, run.best_val = restore(
-            run.paths, target, run.settings, run.loss.key("model_saved_location"), run.say)
-    seen = [row["Images_Seen"] for row in run.history if str(row.get("Images_Seen", "")).isdigit()]
-    run.images_seen = run.partial.images_seen if run.partial else int(seen[-1]) if seen else 0
+def _images_seen(part, history):
+    """The tiles the run had trained on where it carries on: those of the interrupted epoch's checkpoint,
+    else those of the last log row that counts them."""
+    if part is not None:
+        return part.images_seen
+    seen = [row["Images_Seen"] for row in history if str(row.get("Images_Seen", "")).isdigit()]
+    return int(seen[-1]) if seen else 0
+
+
+def start_or_resume(cfg, ddp, paths, target, settings, folder_key, say):
+    """Where the run carries on (Resumed): from the newest checkpoint, loaded into target (resume=True), or
+    from the start, with the previous run moved aside (resume=False)."""
+    if cfg.resume:
+        return restore(paths, target, settings, folder_key, say)
+    if ddp.main:
+        move_aside(paths, say)
+    ddp.barrier()
+    return Resumed()
 
 
 def _common(run, epoch):

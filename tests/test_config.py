@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import Config
-from core import runtime
+from core import devices
 from core.errors import UserError
 from core.cli import _config_values, load_config
 
@@ -110,20 +110,20 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_cpu_trains_in_native_bf16_and_infers_in_fp32(monkeypatch, native):
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
-    assert runtime.autocast_dtype(CPU, "auto", training=True) == (torch.bfloat16 if native else None)
-    assert runtime.precision_name(runtime.autocast_dtype(CPU, "auto", training=True)) == ("bf16" if native else "fp32")
-    assert runtime.autocast_dtype(CPU, "auto") is None
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    assert devices.autocast_dtype(CPU, "auto", training=True) == (torch.bfloat16 if native else None)
+    assert devices.precision_name(devices.autocast_dtype(CPU, "auto", training=True)) == ("bf16" if native else "fp32")
+    assert devices.autocast_dtype(CPU, "auto") is None
 
 
 def test_explicit_precisions_on_cpu():
-    assert runtime.autocast_dtype(CPU, "off") is None
+    assert devices.autocast_dtype(CPU, "off") is None
     for training in (True, False):  # forced, for inference too, even where it would be emulated
-        assert runtime.autocast_dtype(CPU, " BF16 ", training=training) == torch.bfloat16
+        assert devices.autocast_dtype(CPU, " BF16 ", training=training) == torch.bfloat16
     with pytest.raises(UserError, match="fp16.*CUDA"):
-        runtime.autocast_dtype(CPU, "fp16")
+        devices.autocast_dtype(CPU, "fp16")
     with pytest.raises(UserError, match="mixed_precision='half'.*'auto'"):
-        runtime.autocast_dtype(CPU, "half")
+        devices.autocast_dtype(CPU, "half")
 
 
 def test_bad_precision_stops_a_script_before_work(run_script, tmp_path):

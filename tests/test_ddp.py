@@ -1,4 +1,4 @@
-"""Training in two CPU processes (DistributedDataParallel over gloo), started by torchrun or by launch()."""
+"""Training in two CPU processes (DistributedDataParallel over gloo), started by torchrun or by cli.launch_training()."""
 import csv
 import math
 import os
@@ -47,7 +47,7 @@ def free_port():
 
 def run(command, cwd):
     env = script_env()
-    env["PYTHONPATH"] = str(REPO)  # launch() re-imports training_engine in each spawned process
+    env["PYTHONPATH"] = str(REPO)  # launch_training() re-imports the engine in each spawned process
     result = subprocess.run(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                             timeout=240)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -61,8 +61,8 @@ def torchrun(tiles, out, epochs, *extra):
 
 
 def launched(tiles, out, epochs, *extra):
-    code = ("import sys; from core import training_engine; "
-            "training_engine.run_main(lambda: training_engine.launch('mse', sys.argv[1:], processes=2))")
+    code = ("import sys; from core import cli; "
+            "cli.run_main(lambda: cli.launch_training('mse', sys.argv[1:], processes=2))")
     return run([sys.executable, "-c", code, *settings(tiles, out, epochs, *extra)], out)
 
 
@@ -114,7 +114,7 @@ def test_torchrun_trains_and_resumes(tiles, single, tmp_path):
 
 @pytest.fixture(scope="module")
 def launched_run(tiles, tmp_path_factory):
-    """An uninterrupted 2-epoch run in two processes started by launch(), with augmentation (sync_batchnorm
+    """An uninterrupted 2-epoch run in two processes started by cli.launch_training(), with augmentation (sync_batchnorm
     has no effect on the CPU): (folder, CompletedProcess)."""
     out = tmp_path_factory.mktemp("launched")
     yield out, launched(tiles, out, 2, "--sync_batchnorm=true", "--augment=true")
@@ -138,9 +138,9 @@ def slow(output, target):
     time.sleep(0.3)
     return real(output, target)
 losses.LOSSES["mse"] = slow
-from core import training_engine
+from core import cli
 if __name__ == "__main__":
-    training_engine.run_main(lambda: training_engine.launch("mse", sys.argv[1:], processes=2))
+    cli.run_main(lambda: cli.launch_training("mse", sys.argv[1:], processes=2))
 """
 
 

@@ -20,7 +20,7 @@ from Dataset import find_images, load_image
 from core.png import png_bytes
 from core.errors import UserError
 from core.cli import load_config
-from core.runtime import autocast_dtype
+from core.devices import autocast_dtype
 from conftest import REPO, SAMPLE_TILES, tile_array
 
 TILE = 64

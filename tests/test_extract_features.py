@@ -16,7 +16,7 @@ from core import inference
 from Auto_encoder import AutoEncoder
 from Dataset import load_image
 from core.cli import load_config
-from core.runtime import autocast_dtype
+from core.devices import autocast_dtype
 from conftest import REPO, script_env, tile_array
 from core.inference import load_model
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import Extract_Features
 from core import evaluation_engine
-from core import runtime
+from core import devices
 from core import training_engine
 from core import training_state
 from Auto_encoder import AutoEncoder
@@ -151,12 +151,12 @@ def test_local_rank_chooses_the_gpu(monkeypatch):
     count = torch.cuda.device_count()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(count))
     monkeypatch.setenv("LOCAL_RANK", str(count - 1))
-    assert runtime.select_device("0") == torch.device("cuda", count - 1)
+    assert devices.select_device("0") == torch.device("cuda", count - 1)
     assert torch.cuda.current_device() == count - 1
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(count + 1))
     monkeypatch.setenv("LOCAL_RANK", str(count))
     with pytest.raises(UserError, match=f"GPU {count} does not exist"):
-        runtime.select_device("0")
+        devices.select_device("0")
     torch.cuda.set_device(0)
 
 

@@ -1,5 +1,5 @@
-"""runtime.py: which GPU each process takes (CUDA mocked: four GPUs), the built-in launcher, and stdout that
-goes away while training runs."""
+"""devices.py and runtime.py: which GPU each process takes (CUDA mocked: four GPUs), the built-in launcher,
+and stdout that goes away while training runs."""
 import json
 import os
 import signal
@@ -10,15 +10,16 @@ import time
 import pytest
 import torch
 
+from core import cli
+from core.devices import select_device
 from core import runtime
-from core import training_engine
 from core.errors import UserError
 from conftest import REPO, script_env
 
 
 @pytest.fixture
 def four_gpus(monkeypatch):
-    """A machine with four CUDA GPUs, as far as runtime can tell; returns the ids passed to set_device."""
+    """A machine with four CUDA GPUs, as far as devices can tell; returns the ids passed to set_device."""
     chosen = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -42,7 +43,7 @@ def test_torchrun_gives_each_process_its_own_gpu(four_gpus, monkeypatch, gpus):
     devices = []
     for local_rank in range(4):
         started_as(monkeypatch, local_rank, 4)
-        devices.append(runtime.select_device(gpus))
+        devices.append(select_device(gpus))
     assert devices == [torch.device("cuda", i) for i in range(4)]
     assert four_gpus == [0, 1, 2, 3]
 
@@ -51,12 +52,12 @@ def test_listed_gpus_are_taken_in_their_order(four_gpus, monkeypatch):
     devices = []
     for local_rank in range(2):
         started_as(monkeypatch, local_rank, 2)
-        devices.append(runtime.select_device("3,1"))
+        devices.append(select_device("3,1"))
     assert devices == [torch.device("cuda", 3), torch.device("cuda", 1)]
 
 
 def test_one_process_takes_the_listed_gpu(four_gpus):
-    assert runtime.select_device("2") == torch.device("cuda", 2) and four_gpus == [2]
+    assert select_device("2") == torch.device("cuda", 2) and four_gpus == [2]
 
 
 @pytest.mark.parametrize("gpus, processes, words", [
@@ -67,7 +68,7 @@ def test_one_process_takes_the_listed_gpu(four_gpus):
 def test_gpus_contradicting_the_launch_is_one_line_naming_both(four_gpus, monkeypatch, gpus, processes, words):
     started_as(monkeypatch, 0, processes)
     with pytest.raises(UserError) as error:
-        runtime.select_device(gpus)
+        select_device(gpus)
     assert all(word in str(error.value) for word in words) and "\n" not in str(error.value)
     assert four_gpus == []
 
@@ -77,18 +78,18 @@ def test_local_rank_beyond_the_visible_gpus(four_gpus, monkeypatch):
     started_as(monkeypatch, 5, 8)
     with pytest.raises(UserError, match=r"LOCAL_RANK=5: GPU 5 does not exist.*4 GPU\(s\) "
                                         r"\(CUDA_VISIBLE_DEVICES='4,5,6,7'\)"):
-        runtime.select_device("0")
+        select_device("0")
 
 
 def test_builtin_launcher_starts_one_process_per_listed_gpu(four_gpus, monkeypatch):
     started = []
     monkeypatch.setattr(runtime, "spawn", lambda processes, target, args: started.append(processes) or [0] * processes)
-    training_engine.launch("mse", ["--GPUs=0,1,2,3"])
+    cli.launch_training("mse", ["--GPUs=0,1,2,3"])
     assert started == [4]
     devices = []
     for local_rank in range(4):  # the environment runtime.spawn gives each of them
         started_as(monkeypatch, local_rank, 4)
-        devices.append(runtime.select_device("0,1,2,3"))
+        devices.append(select_device("0,1,2,3"))
     assert devices == [torch.device("cuda", i) for i in range(4)]
 
 
@@ -141,12 +142,12 @@ def test_spawn_sets_each_process_up_and_passes_a_signal_on(tmp_path):
 
 
 def test_stdout_whose_reader_left_is_not_an_error(tmp_path):
-    code = ("from core import runtime\n"
-            "runtime.keep_going_without_stdout()\n"
+    code = ("from core import streams\n"
+            "streams.keep_going_without_stdout()\n"
             "print('first', flush=True)\n"
             "for i in range(20000):\n"
             "    print('more output', i)\n"
-            "runtime.say('still here')\n"
+            "streams.say('still here')\n"
             "open(r'%s', 'w').write('finished')\n" % (tmp_path / "done"))
     reader = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=script_env())
@@ -187,8 +188,8 @@ def test_gpu_check_script_runs_every_step_and_reports_the_failed_one(tmp_path):
 
 WORKER_THREADS_AFTER_MAIN_LEFT = """
 import sys, threading
-from core import runtime
-runtime.ignore_interrupts(0)
+from core import signals
+signals.ignore_interrupts(0)
 def report_as_the_resource_sharer_does(error):
     try:
         raise error
