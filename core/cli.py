@@ -1,106 +1,40 @@
-"""Command-line plumbing shared by the scripts: the Config.py settings each script reads, their
---key=value overrides and checks, --help, and the exit codes of run_main."""
+"""Command-line plumbing shared by the scripts: the Config.py settings each script reads (from the table in
+core/settings.py), their --key=value overrides and checks, --help, and the exit codes of run_main."""
 import atexit
 import math
 import os
 import signal
 import sys
 import threading
-import tokenize
 import traceback
 import types
-from dataclasses import dataclass
-
 
 from core import losses
 from core import malloc_tuning
+from core import settings
 from core import signals
 from core import streams
 from core.errors import RankError, UserError, exhausted
-from core.devices import PRECISIONS
+from core.settings import PATH, Rule, descriptions  # noqa: F401 (also cli's names, as before the table)
+
+
+SETTINGS = settings.table()  # every Config key: its rule, the scripts that read it, its meaning
+RULES = {key: setting.rule for key, setting in SETTINGS.items()}
+
+
+def _read_by(script):
+    """The keys script reads whatever its loss: the shared ones, and a loss's key it reads besides that loss's
+    own script (Extract_Features.py's model_path_ssim)."""
+    of_its_loss = {key for record in losses.RECORDS for key in record.keys(script)}
+    return [key for key, setting in SETTINGS.items() if script in setting.scripts and key not in of_its_loss]
 
 
 # The Config keys each script reads, besides the keys of its loss (losses.KEY_STEMS). A key given on the command
 # line that the script does not read is an error, not a warning: a silently ignored key evaluates the wrong
 # model (Evaluation_MSE.py --model_path_ssim=... would report the MSE model's metrics, exit 0).
-SCRIPT_KEYS = {
-    "training": """GPUs num_workers seed mixed_precision keep_freed_memory folder_path_train tile_size
-                   train_crop_size num_epochs batch_size_train learning_rate weight_decay lr_schedule augment
-                   val_fraction sync_batchnorm compile_model cache_tiles save_interval keep_checkpoints
-                   finite_check_interval resume""".split(),
-    "evaluation": """GPUs num_workers mixed_precision keep_freed_memory tile_size folder_path_test batch_size_test""".split(),
-    "features": """GPUs num_workers mixed_precision keep_freed_memory tile_size batch_size_test
-                   folder_path_features model_path_ssim features_output folder_path_slides features_folder
-                   target_mpp slide_mpp tile_stride tissue_fraction background_gray tile_qc features_csv""".split(),
-    "tiles": """keep_freed_memory tile_size tile_stride target_mpp slide_mpp slide_path tiles_output_folder
-                tissue_fraction background_gray exclude_tiles_in""".split(),
-    "select": """keep_freed_memory seed features_output features_folder selection_folder select_pca_dims
-                 select_clusters select_distance_groups select_fraction select_qc""".split(),
-}
-SCRIPT_FILES = {"training": "Training_{LOSS}.py", "evaluation": "Evaluation_{LOSS}.py",
-                "features": "Extract_Features.py", "tiles": "Prepare_Tiles.py",
-                "select": "Select_Tiles.py"}
+SCRIPT_KEYS = {script: _read_by(script) for script in settings.SCRIPTS}
+SCRIPT_FILES = settings.SCRIPTS
 LOSS_NAMES = losses.NAMES
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What a Config key accepts. kind: int, float, bool, str, "path" (text that is not empty: an empty path
-    would mean the current folder, or a file named ''), "switch" (True, False or "auto") or a tuple of
-    choices. Bounds of numbers: low <= value, above < value, value <= high, value < below."""
-    kind: object
-    low: float = None
-    above: float = None
-    high: float = None
-    below: float = None
-
-    def allowed(self):
-        if isinstance(self.kind, tuple):
-            return "one of " + ", ".join(repr(choice) for choice in self.kind)
-        words = {int: "a whole number (int)", float: "a finite number (float)", bool: "true or false (bool)",
-                 str: "text (str, no NUL character)", "path": "a path (text, not empty, no NUL character)",
-                 "switch": "'auto', true or false"}[self.kind]
-        if self.low is not None and self.high is not None:
-            return f"{words} from {self.low} to {self.high}"
-        limits = [f"{word} {bound}" for word, bound in (("of at least", self.low), ("above", self.above),
-                                                        ("of at most", self.high), ("below", self.below))
-                  if bound is not None]
-        return " ".join([words, " and ".join(limits)]).strip()
-
-
-COUNT, TEXT, PATH, FLAG, SWITCH = Rule(int, low=1), Rule(str), Rule("path"), Rule(bool), Rule("switch")
-PIXELS = 65536  # largest tile side accepted: far beyond any tile, and clear of the image libraries' C int limits
-RULES = {
-    **dict.fromkeys("GPUs exclude_tiles_in folder_path_slides".split(), TEXT),  # "": the CPU, no held-out tiles, the tile-folder mode
-    **dict.fromkeys(losses.config_keys(), PATH),
-    **dict.fromkeys("""folder_path_train folder_path_test slide_path tiles_output_folder folder_path_features
-                       features_output features_folder selection_folder""".split(), PATH),
-    **dict.fromkeys("num_epochs batch_size_train batch_size_test save_interval finite_check_interval".split(), COUNT),
-    **dict.fromkeys("augment sync_batchnorm compile_model resume tile_qc features_csv".split(), FLAG),
-    **dict.fromkeys("keep_freed_memory cache_tiles".split(), SWITCH),
-    "num_workers": Rule(int, low=0),
-    "keep_checkpoints": Rule(int, low=0),
-    # torch's generators take 64 bits and numpy's legacy seeding 32; the training loop derives per-epoch seeds
-    # as seed * 100003 * 64 + ..., which must stay below 2**64. 32 bits leave room for that.
-    "seed": Rule(int, low=0, high=2**32 - 1),
-    "mixed_precision": Rule(PRECISIONS),
-    "lr_schedule": Rule(("constant", "cosine")),
-    "tile_size": Rule(int, low=1, high=PIXELS),
-    "train_crop_size": Rule(int, low=0, high=PIXELS),
-    "tile_stride": Rule(int, low=1, high=PIXELS),
-    "learning_rate": Rule(float, above=0),
-    "weight_decay": Rule(float, low=0),
-    "val_fraction": Rule(float, low=0, below=1),
-    "tissue_fraction": Rule(float, low=0, high=1),
-    "background_gray": Rule(int, low=0, high=255),
-    "target_mpp": Rule(float, above=0, high=1000),
-    "slide_mpp": Rule(float, low=0, high=1000),
-    "select_pca_dims": Rule(int, low=2),
-    "select_clusters": Rule(int, low=0),
-    "select_distance_groups": COUNT,
-    "select_fraction": Rule(float, above=0, high=1),
-    "select_qc": Rule(float, low=0),
-}
 _WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -164,26 +98,10 @@ def script_name(script=None, loss=None):
         record.tag for record in losses.RECORDS))
 
 
-def descriptions(path):
-    """{key: (section heading, description)} from the source of Config.py: a key's description is the
-    trailing # comment on its line, its section the last comment line above it that is not a ruler."""
-    described, heading = {}, ""
-    with tokenize.open(path) as handle:
-        tokens = list(tokenize.generate_tokens(handle.readline))
-    for index, token in enumerate(tokens):
-        if token.type == tokenize.COMMENT and token.line.lstrip().startswith("#"):
-            text = token.string.lstrip("#").strip()
-            heading = text if text.strip("-=# ") else heading
-        elif (token.type == tokenize.NAME and token.start[1] == 0 and index + 1 < len(tokens)
-              and tokens[index + 1].string == "="):
-            comment = next((t.string for t in tokens[index:] if t.type in (tokenize.COMMENT, tokenize.NEWLINE)), "")
-            described[token.string] = (heading, comment.lstrip("#").strip())
-    return described
-
-
 def help_text(config, keys, values, name):
-    """--help: the keys name reads in Config.py's order and sections, with their values and descriptions."""
-    described = descriptions(config.__file__)
+    """--help: the keys name reads in Config.py's order and sections, with their values and meanings (the
+    table's, as plain text)."""
+    headings = descriptions(config.__file__)
     shown = [f"--{key}={values[key]}" for key in keys]
     width = min(40, max(map(len, shown), default=0))
     lines = [f"usage: python {name} [--key=value ...]", "",
@@ -191,7 +109,8 @@ def help_text(config, keys, values, name):
              "as --key=value."]
     section = None
     for key, text in zip(keys, shown):
-        heading, description = described.get(key, ("", ""))
+        heading = headings.get(key, ("", ""))[0]
+        description = settings.plain(SETTINGS[key].doc)
         if heading != section:
             lines += ["", heading or "Other"]
             section = heading
