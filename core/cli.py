@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import traceback
+import time
 import types
 
 from core import losses
@@ -18,6 +19,7 @@ from core.errors import RankError, UserError, exhausted
 from core.settings import PATH, Rule, descriptions  # noqa: F401 (also cli's names, as before the table)
 
 
+QUIET_RANK_EXIT_DELAY = 5.0  # seconds a process that does not report a UserError waits before exiting
 SETTINGS = settings.table()  # every Config key: its rule, the scripts that read it, its meaning
 RULES = {key: setting.rule for key, setting in SETTINGS.items()}
 
@@ -232,6 +234,8 @@ def run_main(main, script=None, loss=None, argv=None):
         # unless it is one of this process alone (a RankError: its GPU).
         if os.environ.get("LOCAL_RANK", "0") == "0" or isinstance(err, RankError):
             print(f"error: {err}", file=sys.stderr)
+        else:  # the other processes meet it too: exiting first, one would have torchrun stop the first process
+            time.sleep(QUIET_RANK_EXIT_DELAY)  # before it said why
         sys.exit(2)
     except KeyboardInterrupt as err:
         if threading.current_thread() is threading.main_thread():

@@ -16,6 +16,7 @@ import Extract_Features
 from core import checkpoint_io
 from core import evaluation_engine
 from core import atomic
+from core import feature_plot
 from core import report
 from core.errors import UserError
 from core.cli import load_config
@@ -174,7 +175,7 @@ def test_feature_files_are_replaced_together_or_not_at_all(tmp_path, tiles, mode
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(Extract_Features.Figure, "savefig", no_space)  # the last file of the set to be written
+    monkeypatch.setattr(feature_plot.Figure, "savefig", no_space)  # the last file of the set to be written
     with pytest.raises(UserError, match="features_pca.png"):
         Extract_Features.extract_features(feature_config(tiles, model_file, out))
     assert contents(out) == before and not leftovers(out)
