@@ -113,8 +113,8 @@ def replace_together(writes, remove=(), durable=True):
     except OSError as err:
         raise _write_error(current, err) from None
     finally:
-        for temp in temps.values():
-            with contextlib.suppress(OSError, TypeError):  # the error that brought us here is the one to report
+        for temp in filter(None, temps.values()):  # None: a name _new_file found taken
+            with contextlib.suppress(OSError):  # the error that brought us here is the one to report
                 os.remove(temp)
 
 
