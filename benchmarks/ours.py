@@ -16,7 +16,7 @@ from Dataset import load_image
 from benchmarks import reference
 from benchmarks.measure import quietly
 from core.cli import load_config
-from core.devices import autocast, training_layout
+from core.devices import TRAINING_LAYOUT, autocast
 from core.losses import LOSSES
 
 
@@ -33,7 +33,7 @@ class Trainer:
                  weight_decay=reference.WEIGHT_DECAY):
         self.model = AutoEncoder()
         self.model.load_state_dict(state)
-        self.model.to(device, memory_format=training_layout(device, amp_dtype)).train()
+        self.model.to(device, memory_format=TRAINING_LAYOUT).train()
         self.optimizer = training_state.adam(self.model, device, lr, weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
         self.generator = torch.Generator().manual_seed(seed)

@@ -122,13 +122,10 @@ def autocast_dtype(device, mode="auto", training=False):
     return torch.bfloat16 if training and device.type == "cpu" and cpu_has_native_bf16() else None
 
 
-def training_layout(device, amp_dtype):
-    """Memory format of the training network and its batches: channels_last where it is faster (GPUs, and
-    bf16 on CPUs), plain contiguous for fp32 on a CPU, where oneDNN's channels_last convolutions and their
-    backward passes on AVX2 take longer than the contiguous ones."""
-    if torch.device(device).type == "cpu" and amp_dtype is None:
-        return torch.contiguous_format
-    return torch.channels_last
+# Memory format of the training network and its batches, on every device and in every precision: on GPUs, on
+# CPUs with native bf16, and in fp32 on AVX2 CPUs (where a 256-px step at batch 16 took 0.65 times as long
+# as in the contiguous format, a 64-px one 0.8 times) oneDNN's and cuDNN's channels_last kernels are faster.
+TRAINING_LAYOUT = torch.channels_last
 
 
 def autocast(device_type, amp_dtype):

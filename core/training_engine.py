@@ -30,7 +30,7 @@ from core.inference import reconstruct
 from core.loaders import stop_loader_workers
 from core.losses import LOSSES
 from core.atomic import check_target, check_writable
-from core.devices import autocast, autocast_dtype, precision_name, training_layout
+from core.devices import TRAINING_LAYOUT, autocast, autocast_dtype, precision_name
 from core.runtime import Distributed
 from core.signals import Interrupts, interrupts_blocked
 
@@ -77,7 +77,7 @@ def validation_metrics(run, loader):
 def forward_loss(model, images, loss_fn, crop, augment, aug_gen, amp_dtype):
     """uint8 tiles already on the device -> the loss of their reconstruction, exactly as training computes it."""
     batch = prepare_batch(images, crop, augment, aug_gen)
-    batch = batch.contiguous(memory_format=training_layout(batch.device, amp_dtype))
+    batch = batch.contiguous(memory_format=TRAINING_LAYOUT)
     with autocast(batch.device.type, amp_dtype):
         output = model(batch)
     return loss_fn(output, batch)
@@ -231,7 +231,7 @@ def new_model(cfg, ddp, amp_dtype, say):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tiles of one size: cuDNN times its kernels once, then keeps the fastest
     torch.manual_seed(cfg.seed)
-    raw_model = AutoEncoder().to(device, memory_format=training_layout(device, amp_dtype))
+    raw_model = AutoEncoder().to(device, memory_format=TRAINING_LAYOUT)
     if ddp.world > 1 and cfg.sync_batchnorm:
         if device.type == "cuda":
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)
