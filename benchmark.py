@@ -330,7 +330,7 @@ def parse_args(argv):
     parser.add_argument("--quick", action="store_true", help="a few small tiles: checks that everything runs")
     parser.add_argument("--slides", action="store_true", help="speed: only section 4b, whole slide to features")
     parser.add_argument("--step_only", action="store_true",
-                        help="speed: only the training step's rows (1b and 2), about two minutes on a CPU")
+                        help="speed: only the training step's rows (1b and 2), about a minute on a 2-core CPU")
     parser.add_argument("--quality", action="store_true", help="train both recipes and compare reconstructions")
     parser.add_argument("--images", type=int, help="quality: training images per recipe (default 5000)")
     parser.add_argument("--crop", type=int, help="quality: training crop side, pixels (default 128)")
