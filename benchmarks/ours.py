@@ -11,7 +11,7 @@ from core import evaluation_engine
 from core import inference
 from core import training_engine
 from core import training_state
-from Auto_encoder import AutoEncoder
+from Auto_encoder import AutoEncoder, activations_in_place
 from Dataset import load_image
 from benchmarks import reference
 from benchmarks.measure import quietly
@@ -31,7 +31,7 @@ class Trainer:
 
     def __init__(self, state, device, amp_dtype, seed, lr=reference.LEARNING_RATE,
                  weight_decay=reference.WEIGHT_DECAY):
-        self.model = AutoEncoder()
+        self.model = activations_in_place(AutoEncoder())
         self.model.load_state_dict(state)
         self.model.to(device, memory_format=TRAINING_LAYOUT).train()
         self.optimizer = training_state.adam(self.model, device, lr, weight_decay)

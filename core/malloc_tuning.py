@@ -7,7 +7,7 @@ import sys
 import torch
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 
 
 def user_tuned_malloc():
@@ -31,11 +31,13 @@ def keep_freed_memory():
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    # Blocks above 32 MB (the largest threshold glibc accepts) still come from mmap and go back at once.
-    # Trimming off (-1): the heap never shrinks. A 1 GB top pad: the heap grows in large steps (a smaller
-    # pad gives back part of the gain; benchmark.py measures it).
+    # No block comes from mmap (M_MMAP_MAX 0; the threshold is set too, for a malloc that ignores the
+    # maximum): an mmap'd block goes back to the kernel when freed, so every 256-px activation of a training
+    # step (16 x 32 x 256 x 256 floats, 134 MB, above the largest threshold glibc accepts) would page-fault
+    # its memory in again, about half of a fp32 training step on a 2-core CPU. Trimming off (-1): the heap
+    # never shrinks. A 1 GB top pad: the heap grows in large steps (a smaller pad gives back part of the gain).
     return all(mallopt(option, value) == 1 for option, value in (
-        (_M_MMAP_THRESHOLD, 32 << 20), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
+        (_M_MMAP_THRESHOLD, 32 << 20), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1), (_M_TOP_PAD, 1 << 30)))
 
 
 def apply(setting, cuda_available=None):

@@ -22,7 +22,7 @@ from core import losses, run_lock
 from core import streams
 from core import training_data
 from core import training_state
-from Auto_encoder import DOWNSAMPLING, AutoEncoder, fits
+from Auto_encoder import DOWNSAMPLING, AutoEncoder, activations_in_place, fits
 from Dataset import ImageFolder, SkipLog
 from core.augmentation import prepare_batch
 from core.errors import UserError
@@ -231,7 +231,7 @@ def new_model(cfg, ddp, amp_dtype, say):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # tiles of one size: cuDNN times its kernels once, then keeps the fastest
     torch.manual_seed(cfg.seed)
-    raw_model = AutoEncoder().to(device, memory_format=TRAINING_LAYOUT)
+    raw_model = activations_in_place(AutoEncoder().to(device, memory_format=TRAINING_LAYOUT))
     if ddp.world > 1 and cfg.sync_batchnorm:
         if device.type == "cuda":
             raw_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(raw_model)

@@ -9,31 +9,33 @@ from core import cli
 from core import malloc_tuning
 from conftest import REPO, script_env
 
-# 20 MB from the heap, touched, then freed: kept by the process with the setting, given back without it.
-RSS_PROBE = ("from core import malloc_tuning\n"
+# A block of argv[1] MB, touched, then freed: kept by the process with the setting, given back without it.
+RSS_PROBE = ("import sys\n"
+             "from core import malloc_tuning\n"
              "applied = malloc_tuning.keep_freed_memory()\n"
              "def rss():\n"
              "    with open('/proc/self/statm') as handle:\n"
              "        return int(handle.read().split()[1]) * 4096 / 2**20\n"
              "before = rss()\n"
-             "block = bytearray(20 * 2**20)\n"
+             "block = bytearray(int(sys.argv[1]) * 2**20)\n"
              "del block\n"
              "print(applied, round(rss() - before))\n")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_freed_memory_is_kept_unless_the_user_tuned_malloc():
+@pytest.mark.parametrize("block_mb", [20, 200])  # 200 MB: above the largest mmap threshold glibc accepts
+def test_freed_memory_is_kept_unless_the_user_tuned_malloc(block_mb):
     def run(**env):
         environment = {k: v for k, v in script_env().items() if not k.startswith("MALLOC_")
                        and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
-        result = subprocess.run([sys.executable, "-c", RSS_PROBE], cwd=REPO, env={**environment, **env},
+        result = subprocess.run([sys.executable, "-c", RSS_PROBE, str(block_mb)], cwd=REPO, env={**environment, **env},
                                 capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         applied, kept_mb = result.stdout.split()
         return applied == "True", int(kept_mb)
 
     applied, kept_mb = run()
-    assert applied and kept_mb >= 19
+    assert applied and kept_mb >= block_mb - 1
     for env in ({"MALLOC_TOP_PAD_": "0"}, {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}):
         applied, kept_mb = run(**env)
         assert not applied and kept_mb <= 1, env

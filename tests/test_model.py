@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder, for_inference
+from Auto_encoder import IMAGENET_MEAN, IMAGENET_STD, AutoEncoder, activations_in_place, for_inference
 
 ENCODER_CHANNELS = [(3, 32), (32, 64), (64, 128), (128, 256), (256, 512), (512, 512)]
 DECODER_CHANNELS = [(512, 512), (512, 256), (256, 128), (128, 64), (64, 32)]
@@ -138,3 +138,20 @@ def test_for_inference_computes_the_same_function():
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
         assert torch.allclose(folded.embed(x), model.embed(x), rtol=1e-4, atol=1e-5)
+
+
+def test_activations_in_place_train_to_the_same_gradients_and_state():
+    """Training runs the network with its LeakyReLUs in place: the same loss, gradients and BatchNorm
+    statistics as the network as built, and the same state-dict keys."""
+    torch.manual_seed(2)
+    plain = AutoEncoder().train()
+    in_place = activations_in_place(AutoEncoder().train())
+    in_place.load_state_dict(plain.state_dict())
+    assert list(in_place.state_dict()) == list(plain.state_dict())
+    assert all(m.inplace for m in in_place.modules() if isinstance(m, nn.LeakyReLU))
+    x = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for net in (plain, in_place):
+        torch.nn.functional.mse_loss(net(x), x).backward()
+    for (name, a), b in zip(plain.named_parameters(), in_place.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-7), name
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), in_place.state_dict().values()))
