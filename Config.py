@@ -24,6 +24,7 @@ num_epochs = 100              # passes over the training tiles
 batch_size_train = 64         # tiles per optimisation step
 learning_rate = 1e-4          # Adam step size
 weight_decay = 1e-5           # Adam L2 penalty
+l1_loss_weight = 0.0          # add this times the mean absolute error to the training loss (0 = MSE or SSIM alone)
 lr_schedule = "constant"      # "constant", or "cosine" (decay to 1% of learning_rate by the last epoch)
 augment = True                # random rotation, flips, affine, colour jitter and blur, applied batched on the device
 val_fraction = 0.05           # share of training tiles held out for per-epoch validation (0 = none)

@@ -78,7 +78,7 @@ def write_log(run, plot):
     try:
         write_history(run.paths.log, run.history)
         if plot:
-            plot_history(run.paths.plot, run.history, run.loss_name)
+            plot_history(run.paths.plot, run.history, run.loss_name, run.cfg.l1_loss_weight)
     except UserError as err:
         return err
     except OSError as err:
@@ -87,7 +87,7 @@ def write_log(run, plot):
     return None
 
 
-def plot_history(png_path, rows, loss_name):
+def plot_history(png_path, rows, loss_name, l1_weight=0.0):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,7 +102,7 @@ def plot_history(png_path, rows, loss_name):
         ax.plot([e for e, _ in validated], values, marker="s", markersize=3, label="validation")
         ax.legend()
     ax.set_xlabel("Epoch")
-    ax.set_ylabel(loss.plot_label)
+    ax.set_ylabel(loss.plot_label + (f" (training: + {l1_weight:g} x L1)" if l1_weight else ""))
     ax.set_title(f"Training loss ({loss.tag})")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """The training losses, one record each: what training minimises, how validation picks the Best model,
 how the loss log plots it, and the Config keys a run of it reads. Adding a loss is a record in RECORDS,
 its keys in Config.py, and a Training_<NAME>.py / Evaluation_<NAME>.py script calling the engines."""
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -78,3 +79,15 @@ def get(name):
 def config_keys():
     """Every per-loss Config key of every loss."""
     return [key for loss in RECORDS for key in loss.keys()]
+
+
+def training_loss(name, l1_weight=0.0):
+    """The function a run minimises for the loss called name: LOSSES[name], plus l1_weight times the mean
+    absolute error when that is above 0 (Config.l1_loss_weight). SSIM hardly sees a small shift of colour or
+    brightness in bright tissue (its luminance term stays near 1); the L1 term corrects it, and PSNR with it."""
+    function = LOSSES[name]
+    return functools.partial(_with_l1, function, l1_weight) if l1_weight else function
+
+
+def _with_l1(function, weight, output, target):
+    return function(output, target) + weight * (output.float() - target.float()).abs().mean()

@@ -109,6 +109,9 @@ KEYS = {
     "batch_size_train": _key(COUNT, "training", "tiles per optimisation step, over all processes together"),
     "learning_rate": _key(Rule(float, above=0), "training", "Adam step size"),
     "weight_decay": _key(Rule(float, low=0), "training", "Adam L2 penalty"),
+    "l1_loss_weight": _key(Rule(float, low=0), "training",
+        "add this times the mean absolute error (L1) to the training loss (0 = the MSE or SSIM loss alone, as "
+        "the reference trains; [first_hour.md](first_hour.md) uses it on a CPU)"),
     "lr_schedule": _key(Rule(("constant", "cosine")), "training",
         '`"constant"`, or `"cosine"` (decay to 1 % of `learning_rate` by the last epoch)'),
     "augment": _key(FLAG, "training",

@@ -12,6 +12,7 @@ from PIL import Image
 import Extract_Features
 from core import evaluation_engine
 from core import devices
+from core import losses
 from core import training_engine
 from core import training_state
 from Auto_encoder import AutoEncoder
@@ -47,7 +48,7 @@ def test_two_training_steps(amp_dtype):
     generator = torch.Generator().manual_seed(1)
     losses = []
     for _ in range(2):
-        loss = training_engine.forward_loss(model, images, training_engine.LOSSES["mse"], 32, True, generator,
+        loss = training_engine.forward_loss(model, images, losses.LOSSES["mse"], 32, True, generator,
                                             amp_dtype)
         training_engine.optimizer_step(loss, optimizer, scaler)
         losses.append(loss.item())
@@ -68,7 +69,7 @@ def test_no_wait_for_the_gpu_inside_a_training_step(loss_name, amp_dtype):
     tracker = training_engine.EpochLoss(CUDA)
 
     def step(number):
-        loss = training_engine.forward_loss(model, images, training_engine.LOSSES[loss_name], 32, True, generator,
+        loss = training_engine.forward_loss(model, images, losses.LOSSES[loss_name], 32, True, generator,
                                             amp_dtype)
         training_engine.optimizer_step(loss, optimizer, scaler)
         tracker.add(loss, len(images), number)

@@ -45,3 +45,38 @@ def test_an_unknown_loss_is_refused_not_scored_as_another():
         training_engine.run_paths(load_config([], "training", "mse"), "l1")
     with pytest.raises(ValueError, match="not a per-loss Config key"):
         losses.get("mse").key("tile_size")
+
+
+@pytest.mark.parametrize("name", losses.NAMES)
+def test_l1_loss_weight_adds_the_mean_absolute_error(name):
+    torch.manual_seed(0)
+    output, target = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    assert losses.training_loss(name, 0.0) is losses.LOSSES[name]
+    plain = losses.LOSSES[name](output, target)
+    mixed = losses.training_loss(name, 0.5)(output, target)
+    assert mixed.item() == pytest.approx(plain.item() + 0.5 * (output - target).abs().mean().item(), rel=1e-6)
+    assert losses.training_loss(name, 0.5)(target, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_minimises_the_loss_with_its_l1_weight(monkeypatch, tmp_path, make_tiles):
+    """One epoch of Training_SSIM.py's engine with --l1_loss_weight: every step's loss is the SSIM loss plus
+    that weight times the L1 error (the function training_loss builds for the run)."""
+    calls, values = [], []
+    real = losses.training_loss
+
+    def recording(name, weight):
+        calls.append((name, weight))
+        function = real(name, weight)
+        return lambda output, target: values.append((function(output, target), output, target)) or values[-1][0]
+
+    monkeypatch.setattr(losses, "training_loss", recording)
+    make_tiles(tmp_path / "tiles", [f"{i}.png" for i in range(4)], size=64)
+    training_engine.train(load_config([
+        f"--folder_path_train={tmp_path / 'tiles'}", "--tile_size=64", "--batch_size_train=2", "--num_epochs=1",
+        "--num_workers=0", "--GPUs=cpu", "--augment=false", "--val_fraction=0", "--l1_loss_weight=0.25",
+        f"--model_saved_location_ssim={tmp_path / 'ckpt'}", f"--training_loss_file_ssim={tmp_path / 'loss.csv'}"],
+        "training", "ssim"), "ssim")
+    assert calls == [("ssim", 0.25)] and len(values) == 2
+    for loss, output, target in values:
+        expected = losses.LOSSES["ssim"](output, target) + 0.25 * (output.float() - target.float()).abs().mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
