@@ -85,17 +85,18 @@ class Refused(UserError):
     """A checkpoint that is intact but cannot continue this run (another experiment, another launch)."""
 
 
-INFO_KEYS = ("tiles",)  # stored settings that say what a run used without making it another experiment
+INFO_KEYS = ("tiles", "l1_loss_weight")  # stored settings that say what a run used without making it another experiment
 
 
 def experiment(cfg, loss_name, model, tiles):
     """The settings that make a run this experiment and no other: a checkpoint with other values is refused.
-    tiles (the count it trains and validates on) is kept for the record, not compared."""
+    tiles (the count it trains and validates on) and l1_loss_weight are kept for the record, not compared."""
     crop = cfg.train_crop_size if 0 < cfg.train_crop_size < cfg.tile_size else 0
     layers = ";".join(f"{key}{tuple(value.shape)}" for key, value in model.state_dict().items())
     return {"loss": loss_name, "tile_size": cfg.tile_size, "train_crop_size": crop,
             "architecture": "AE_CRC-" + hashlib.sha1(layers.encode()).hexdigest()[:10],
-            "folder_path_train": os.path.realpath(cfg.folder_path_train), "tiles": tiles}
+            "folder_path_train": os.path.realpath(cfg.folder_path_train), "tiles": tiles,
+            "l1_loss_weight": cfg.l1_loss_weight}
 
 
 def check_experiment(state, source, settings, folder_key):

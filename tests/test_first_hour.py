@@ -133,3 +133,28 @@ def adam_after_resume(saved_layout):
 
 def test_moments_saved_channels_last_resume_into_a_contiguous_model_exactly():
     assert torch.equal(adam_after_resume(torch.channels_last), adam_after_resume(torch.contiguous_format))
+
+
+def demo_command(markdown):
+    """The README's CPU demo command (python Training_SSIM.py --train_crop_size=... \\ continued) as arguments."""
+    text = open(os.path.join(os.path.dirname(__file__), "..", markdown)).read()
+    match = re.search(r"^python Training_SSIM\.py (--train_crop_size=.*?)$(?<!\\)", text.replace("\\\n    ", ""),
+                      re.MULTILINE)
+    assert match, f"no demo command in {markdown}"
+    return match.group(1).split()
+
+
+def test_the_demo_command_is_one_and_runs(tmp_path, make_tiles, run_script):
+    """README and docs/first_hour.md give the same demo command, and its settings train (one epoch here, on
+    64-px crops of generated tiles) with its SSIM + L1 loss."""
+    args = demo_command("README.md")
+    assert args == demo_command("docs/first_hour.md")
+    assert "--l1_loss_weight=1" in args and "--num_epochs=72" in args
+    make_tiles(tmp_path / "tiles", [f"t{i}.png" for i in range(32)], size=128)
+    args = [a for a in args if not a.startswith("--num_epochs=")] + [
+        "--num_epochs=1", "--folder_path_train=tiles", "--tile_size=128", "--num_workers=0", "--GPUs=cpu",
+        "--model_saved_location_ssim=ckpt", "--training_loss_file_ssim=loss.csv"]
+    result = run_script("Training_SSIM.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ckpt" / "Final_Model_AE_SSIM.pth").is_file()
+    assert "Epoch 1/1, Average Loss:" in result.stdout

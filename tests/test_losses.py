@@ -77,6 +77,8 @@ def test_training_minimises_the_loss_with_its_l1_weight(monkeypatch, tmp_path, m
         f"--model_saved_location_ssim={tmp_path / 'ckpt'}", f"--training_loss_file_ssim={tmp_path / 'loss.csv'}"],
         "training", "ssim"), "ssim")
     assert calls == [("ssim", 0.25)] and len(values) == 2
+    saved = torch.load(tmp_path / "ckpt" / "Model_AE_epoch_001.pth", weights_only=True)["settings"]
+    assert saved["l1_loss_weight"] == 0.25 and saved["loss"] == "ssim"  # the run's record says how it trained
     for loss, output, target in values:
         expected = losses.LOSSES["ssim"](output, target) + 0.25 * (output.float() - target.float()).abs().mean()
         assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
