@@ -101,7 +101,8 @@ def extract_features(cfg):
     chunks, paths, skips = [], [], SkipLog()
     skips.add_left_out(run.dataset.left_out)
     start = time.perf_counter()
-    with tqdm(total=len(run.dataset), desc="Extracting", unit="tile", dynamic_ncols=True) as progress:
+    # leave=False: the bar is erased when it ends, so that an interrupt's or error's line is the last one left.
+    with tqdm(total=len(run.dataset), desc="Extracting", unit="tile", dynamic_ncols=True, leave=False) as progress:
         for images, batch_paths, skipped in start_batches(run.loader):
             skips.add(skipped)
             if batch_paths:

@@ -322,9 +322,9 @@ def speed(args):
                 print(f"  {device.type}: evaluation and features with the network replaced ...", flush=True)
                 around += around_the_network(plan, bench, device)
     notes = [f"- Wall time {time.perf_counter() - started:.0f} s; {load_before} at the start, "
-             f"{tables.load_average()} at the end.", f"- malloc set to keep freed memory in this process, as our scripts set it "
-             f"(both sides but row 2's reference on the CPU, which runs in a process of its own): "
-             f"{'yes' if plan.malloc else 'no'}.", *notes]
+             f"{tables.load_average()} at the end.",
+             f"- malloc set to keep freed memory in this process, as our scripts set it (both sides but row 2's "
+             f"reference on the CPU, which runs in a process of its own): {'yes' if plan.malloc else 'no'}.", *notes]
     around_table = [tables.markdown_table(AROUND_HEADER, around)] if around else []  # none with --step_only
     tables.report(args.output, "Benchmark: speed", ["\n".join(tables.machine_lines()),
                                                     tables.markdown_table(HEADER, rows), *around_table,

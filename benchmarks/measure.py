@@ -41,7 +41,6 @@ def quietly(work):
         raise
 
 
-
 class InChild:
     """A work timed in a child process (benchmarks/child.py: the reference's training step with glibc's
     malloc as it ships), taking its turns in side_by_side's rounds like a work of this process. A context

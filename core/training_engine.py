@@ -261,7 +261,8 @@ def set_up(cfg, loss_name, paths, ddp, interrupts):
                                        fill_cache=resumed.start_epoch <= cfg.num_epochs)
     run = TrainingRun(
         cfg=cfg, loss_name=loss_name, loss=loss, paths=paths, ddp=ddp, device=device, say=say,
-        interrupts=interrupts, raw_model=raw_model, model=model, amp_dtype=amp_dtype, loss_fn=losses.training_loss(loss_name, cfg.l1_loss_weight),
+        interrupts=interrupts, raw_model=raw_model, model=model, amp_dtype=amp_dtype,
+        loss_fn=losses.training_loss(loss_name, cfg.l1_loss_weight),
         optimizer=optimizer, scaler=scaler, settings=settings, skips=skips, batch_size=batch_size, data=data,
         start_epoch=resumed.start_epoch, partial=resumed.partial, history=resumed.history,
         best_val=resumed.best_val, images_seen=resumed.images_seen)

@@ -3,6 +3,7 @@ pass, while decoding, 16-bit transparent tiles), stdout and stderr closed or on 
 and open files running out with loader processes, and SIGTERM, SIGHUP or repeated Ctrl-C. Never a traceback,
 a hang, or a good tile blamed; outputs are finished or the run stops with one line."""
 import os
+import re
 import resource
 import signal
 import struct
@@ -283,17 +284,24 @@ def test_evaluation_stopped_by_a_signal_says_interrupted(tmp_path, model_file, s
     assert not (tmp_path / "out" / "metrics.xlsx").exists()
 
 
-def test_feature_extraction_stopped_by_sigterm_says_interrupted(tmp_path, model_file):
+@pytest.mark.parametrize("bar_shown", [False, True], ids=["as the loader starts", "with the progress bar shown"])
+def test_feature_extraction_stopped_by_sigterm_says_interrupted(tmp_path, model_file, bar_shown):
+    """The interrupt's line is the last one on stderr, whether the progress bar was on screen or not yet."""
     tiles(tmp_path / "tiles", 400)
-    process = start(script("Extract_Features.py") + [
-        "--folder_path_features=tiles", f"--model_path_ssim={model_file}", "--features_output=f/features.csv",
-        f"--tile_size={TILE}", "--batch_size_test=1", "--num_workers=2", "--GPUs=cpu"], tmp_path,
-        stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as stderr:
+        process = start(script("Extract_Features.py") + [
+            "--folder_path_features=tiles", f"--model_path_ssim={model_file}", "--features_output=f/features.csv",
+            f"--tile_size={TILE}", "--batch_size_test=1", "--num_workers=2", "--GPUs=cpu"], tmp_path,
+            stderr=stderr)
     first = process.stdout.readline()  # "Extracting encoder features ...": the loader starts next
-    signal_when(process, lambda: True, signal.SIGTERM)
-    code, _, err = finish(process)
+    counted = re.compile(rb"\| *[1-9][0-9]*/400 ")  # the bar has counted tiles
+    signal_when(process, (lambda: counted.search(log.read_bytes())) if bar_shown else (lambda: True), signal.SIGTERM)
+    code, _, _ = finish(process)
+    err = log.read_bytes().decode()  # not read_text: its universal newlines would turn the bar's \r into \n
     assert first.startswith(b"Extracting"), first
     assert code == 143 and "Traceback" not in err, err
+    assert not bar_shown or counted.search(err.encode()), err
     assert err.rsplit("\r", 1)[-1] == "interrupted\n", err
     assert not (tmp_path / "f" / "features.csv").exists()
 
